@@ -1,0 +1,178 @@
+//! The one definition of the command-line surface (clap derive). Completions and the man page
+//! are generated from it (`completions/`, `man/`); a test fails when the checked-in copies drift.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success
+  1    error (including conflicts left for you to resolve)
+  2    usage error
+  3    not logged in, bad token or permission denied
+  4    not found
+  5    server unreachable or temporarily unavailable (worth a retry)
+  130  interrupted
+
+Environment:
+  DBX_SERVER    server URL, overriding the folder's and the default login's
+  DBX_TOKEN     bearer token, overriding the stored one
+  DBX_KEYRING   `file` keeps tokens in $XDG_CONFIG_HOME/dbx/credentials.toml (0600) instead
+                of the OS keyring
+  NO_COLOR      disables colours";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dbx",
+    version,
+    about = "File storage and sync: the client and the server in one binary",
+    long_about = "dbx keeps folders in sync through a dbx server (`dbx serve`), storing files as \
+                  content-defined, deduplicated blocks with a journal of every change.",
+    after_help = EXIT_CODES_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// Print one JSON document on stdout (JSON lines for streams)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more detail (repeat for debug logs)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Act on the synced folder holding DIR instead of the current directory
+    #[arg(short = 'C', long = "dir", global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: block store, metadata and journal
+    Serve(ServeArgs),
+    /// Administer a server's users (acts on the data directory directly)
+    Admin(AdminArgs),
+    /// Log in to a server and store the token
+    Login(LoginArgs),
+    /// Forget a stored login
+    Logout(LogoutArgs),
+    /// Make a folder a synced folder
+    Init(InitArgs),
+    /// Send local changes to the server (new, modified and deleted files)
+    Push(TransferArgs),
+    /// Bring server changes into the local folder
+    Pull(TransferArgs),
+    /// List files on the server
+    Ls(LsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port and prints it)
+    #[arg(long, default_value = "127.0.0.1:8750", env = "DBX_LISTEN")]
+    pub listen: String,
+    /// Data directory: SQLite `meta.db` and `blocks/`
+    #[arg(long, default_value = "./dbx-data", env = "DBX_DATA")]
+    pub data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The server's data directory
+    #[arg(long, default_value = "./dbx-data", env = "DBX_DATA", global = true)]
+    pub data: PathBuf,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Manage users
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user (with its own root folder)
+    Add {
+        name: String,
+        /// Read the password from standard input instead of prompting
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users
+    List,
+    /// Set a user's password
+    Passwd {
+        name: String,
+        /// Read the password from standard input instead of prompting
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Disable a user and revoke its tokens
+    Disable { name: String },
+    /// Enable a disabled user
+    Enable { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Server URL, e.g. http://127.0.0.1:8750
+    pub url: String,
+    /// User name
+    #[arg(long, short)]
+    pub user: String,
+    /// Read the password from standard input instead of prompting
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogoutArgs {
+    /// Server URL (default: the default login's)
+    pub url: Option<String>,
+    /// User name (default: the default login's)
+    #[arg(long, short)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The folder to sync (created if missing; default: the current directory)
+    pub dir: Option<PathBuf>,
+    /// The server folder to mirror
+    #[arg(long, default_value = "/")]
+    pub remote: String,
+    /// Server URL (default: the default login's)
+    #[arg(long)]
+    pub server: Option<String>,
+    /// User (default: the default login's)
+    #[arg(long, short)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Show what would change, change nothing
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Server path (default: the synced folder's remote root, or `/`)
+    pub path: Option<String>,
+    /// List everything below, not only direct children
+    #[arg(long, short = 'R')]
+    pub recursive: bool,
+}

@@ -1,0 +1,164 @@
+//! Content-defined chunking (FastCDC 2020) and block hashing.
+//!
+//! A file is read as a stream: at most one chunk (≤ 4 MiB) is in memory at a time, whatever the
+//! file's size. Block ids are SHA-256 of the chunk bytes; the file's content hash is derived
+//! from the ordered block ids (`protocol::content_hash`). These functions are CPU-bound and
+//! blocking: callers run them off the async reactor.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+
+use fastcdc::v2020::{Error as CdcError, StreamCDC};
+
+use crate::protocol::{self, ChunkParams};
+
+/// One block of a file: where it lies and what it hashes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRef {
+    pub hash: String,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A file's content, as blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    pub size: u64,
+    pub blocks: Vec<BlockRef>,
+    pub content_hash: String,
+}
+
+impl Digest {
+    pub fn block_ids(&self) -> Vec<String> {
+        self.blocks.iter().map(|b| b.hash.clone()).collect()
+    }
+}
+
+/// Chunks and hashes everything `reader` yields.
+pub fn digest_reader<R: Read>(reader: R, params: ChunkParams) -> io::Result<Digest> {
+    let mut blocks = Vec::new();
+    let mut size = 0u64;
+    for chunk in StreamCDC::new(reader, params.min, params.avg, params.max) {
+        let chunk = chunk.map_err(|e| match e {
+            CdcError::IoError(io) => io,
+            other => io::Error::other(other.to_string()),
+        })?;
+        size += chunk.length as u64;
+        blocks.push(BlockRef {
+            hash: protocol::block_hash(&chunk.data),
+            offset: chunk.offset,
+            len: chunk.length as u32,
+        });
+    }
+    let content_hash = protocol::content_hash(&blocks.iter().map(|b| &b.hash).collect::<Vec<_>>());
+    Ok(Digest {
+        size,
+        blocks,
+        content_hash,
+    })
+}
+
+/// Chunks and hashes a file, streaming it.
+pub fn digest_file(path: &Path, params: ChunkParams) -> io::Result<Digest> {
+    let file = File::open(path)?;
+    digest_reader(BufReader::with_capacity(1 << 20, file), params)
+}
+
+/// Reads one block of a file back (for upload) and checks it still hashes to its id; `Ok(None)`
+/// when the file changed since it was hashed.
+pub fn read_block(path: &Path, block: &BlockRef) -> io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path)?;
+    let mut buf = vec![0u8; block.len as usize];
+    match file.read_exact_at(&mut buf, block.offset) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if protocol::block_hash(&buf) != block.hash {
+        return Ok(None);
+    }
+    Ok(Some(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes (xorshift), so the test needs no RNG crate.
+    fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            out.extend_from_slice(&seed.to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn one_byte_insert_changes_at_most_two_chunks() {
+        let data = random_bytes(64 << 20, 0x9E37_79B9_7F4A_7C15);
+        let before = digest_reader(&data[..], ChunkParams::DEFAULT).unwrap();
+        let mut edited = data[..1000].to_vec();
+        edited.push(b'X');
+        edited.extend_from_slice(&data[1000..]);
+        let after = digest_reader(&edited[..], ChunkParams::DEFAULT).unwrap();
+
+        assert_eq!(before.size, data.len() as u64);
+        assert_eq!(after.size, edited.len() as u64);
+        assert!(before.blocks.len() > 16, "64 MiB should make many chunks");
+        let old: std::collections::HashSet<_> = before.blocks.iter().map(|b| &b.hash).collect();
+        let new_chunks = after
+            .blocks
+            .iter()
+            .filter(|b| !old.contains(&b.hash))
+            .count();
+        assert!(
+            (1..=2).contains(&new_chunks),
+            "{new_chunks} chunks changed after a one-byte insert"
+        );
+        assert_ne!(before.content_hash, after.content_hash);
+    }
+
+    #[test]
+    fn blocks_cover_the_file_and_respect_bounds() {
+        let data = random_bytes(9 << 20, 7);
+        let d = digest_reader(&data[..], ChunkParams::DEFAULT).unwrap();
+        let mut offset = 0u64;
+        for (i, b) in d.blocks.iter().enumerate() {
+            assert_eq!(b.offset, offset);
+            assert!(b.len as usize <= protocol::MAX_BLOCK_SIZE);
+            if i + 1 < d.blocks.len() {
+                assert!(b.len >= ChunkParams::DEFAULT.min);
+            }
+            let bytes = &data[b.offset as usize..(b.offset + b.len as u64) as usize];
+            assert_eq!(protocol::block_hash(bytes), b.hash);
+            offset += b.len as u64;
+        }
+        assert_eq!(offset, data.len() as u64);
+    }
+
+    #[test]
+    fn empty_file_has_no_blocks() {
+        let d = digest_reader(&[][..], ChunkParams::DEFAULT).unwrap();
+        assert_eq!(d.size, 0);
+        assert!(d.blocks.is_empty());
+        assert_eq!(d.content_hash, protocol::content_hash::<&str>(&[]));
+    }
+
+    #[test]
+    fn read_block_detects_a_changed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, random_bytes(600_000, 3)).unwrap();
+        let d = digest_file(&path, ChunkParams::DEFAULT).unwrap();
+        let first = &d.blocks[0];
+        assert!(read_block(&path, first).unwrap().is_some());
+        std::fs::write(&path, random_bytes(600_000, 4)).unwrap();
+        assert!(read_block(&path, first).unwrap().is_none());
+    }
+}

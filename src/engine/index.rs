@@ -1,0 +1,204 @@
+//! The client index (`.dbx/index.db`): per path, what was last synced (stat, content hash,
+//! block list, server revision), and per namespace the journal cursor and server epoch.
+//!
+//! It is the "synced" tree of the three the planner compares. It may lag the files (a crash
+//! between a rename and the index write): that is safe, because a local file whose content
+//! equals the remote one is recorded, never re-transferred nor treated as a conflict.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sqlx::{Row, SqlitePool};
+
+use crate::protocol::EntryKind;
+
+const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[(
+    1,
+    "index",
+    include_str!("../../migrations/client/0001_index.sql"),
+)];
+
+/// Index writes are grouped into transactions of this many rows.
+const WRITE_BATCH: usize = 512;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncedEntry {
+    pub ns: i64,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
+    pub executable: bool,
+    pub content_hash: Option<String>,
+    pub blocks: Vec<String>,
+    pub rev: i64,
+}
+
+pub type SyncedTree = BTreeMap<String, SyncedEntry>;
+
+/// One change to the index.
+#[derive(Clone, Debug)]
+pub enum IndexOp {
+    Put(String, SyncedEntry),
+    Remove(String),
+}
+
+pub struct Index {
+    pool: SqlitePool,
+}
+
+impl Index {
+    pub async fn open(path: &Path, create: bool) -> Result<Index, sqlx::Error> {
+        let pool = crate::sqlite::open(
+            path,
+            create,
+            MIGRATIONS,
+            1,
+            crate::sqlite::Durability::Normal,
+        )
+        .await?;
+        Ok(Index { pool })
+    }
+
+    pub async fn load(&self) -> Result<SyncedTree, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM entries")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut tree = SyncedTree::new();
+        for r in rows {
+            let kind: String = r.try_get("kind")?;
+            let blocks: String = r.try_get("blocks")?;
+            tree.insert(
+                r.try_get("path")?,
+                SyncedEntry {
+                    ns: r.try_get("ns")?,
+                    kind: EntryKind::parse(&kind).ok_or_else(|| {
+                        sqlx::Error::Decode(format!("bad kind {kind:?} in the index").into())
+                    })?,
+                    size: r.try_get::<i64, _>("size")? as u64,
+                    mtime_ns: r.try_get("mtime_ns")?,
+                    inode: r.try_get::<i64, _>("inode")? as u64,
+                    executable: r.try_get::<i64, _>("executable")? != 0,
+                    content_hash: r.try_get("content_hash")?,
+                    blocks: if blocks.is_empty() {
+                        Vec::new()
+                    } else {
+                        blocks.split(',').map(str::to_string).collect()
+                    },
+                    rev: r.try_get("rev")?,
+                },
+            );
+        }
+        Ok(tree)
+    }
+
+    /// Applies `ops` in order, in transactions of [`WRITE_BATCH`] rows.
+    pub async fn apply(&self, ops: &[IndexOp]) -> Result<(), sqlx::Error> {
+        for batch in ops.chunks(WRITE_BATCH) {
+            let mut tx = self.pool.begin().await?;
+            for op in batch {
+                match op {
+                    IndexOp::Put(path, e) => {
+                        sqlx::query(
+                            "INSERT OR REPLACE INTO entries (path, ns, kind, size, mtime_ns, inode,
+                               executable, content_hash, blocks, rev)
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        )
+                        .bind(path)
+                        .bind(e.ns)
+                        .bind(e.kind.as_str())
+                        .bind(e.size as i64)
+                        .bind(e.mtime_ns)
+                        .bind(e.inode as i64)
+                        .bind(e.executable as i64)
+                        .bind(&e.content_hash)
+                        .bind(e.blocks.join(","))
+                        .bind(e.rev)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    IndexOp::Remove(path) => {
+                        sqlx::query("DELETE FROM entries WHERE path = ?")
+                            .bind(path)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// The journal cursor and server epoch last recorded for `ns`.
+    pub async fn cursor(&self, ns: i64) -> Result<Option<(i64, String)>, sqlx::Error> {
+        let row = sqlx::query("SELECT cursor, epoch FROM cursors WHERE ns = ?")
+            .bind(ns)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("cursor")?, r.try_get("epoch")?)))
+            .transpose()
+    }
+
+    pub async fn set_cursor(&self, ns: i64, cursor: i64, epoch: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR REPLACE INTO cursors (ns, cursor, epoch) VALUES (?, ?, ?)")
+            .bind(ns)
+            .bind(cursor)
+            .bind(epoch)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets every entry (the server's metadata was replaced: its revisions mean nothing now).
+    pub async fn clear(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM entries")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM cursors")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn index_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index.db"), true)
+            .await
+            .unwrap();
+        let e = SyncedEntry {
+            ns: 1,
+            kind: EntryKind::File,
+            size: 3,
+            mtime_ns: 1_700_000_000_123_456_789,
+            inode: 42,
+            executable: true,
+            content_hash: Some("ab".into()),
+            blocks: vec!["x".into(), "y".into()],
+            rev: 7,
+        };
+        idx.apply(&[
+            IndexOp::Put("a/b".into(), e.clone()),
+            IndexOp::Put("gone".into(), e.clone()),
+            IndexOp::Remove("gone".into()),
+        ])
+        .await
+        .unwrap();
+        let tree = idx.load().await.unwrap();
+        assert_eq!(tree.len(), 1);
+        assert_eq!(tree["a/b"], e);
+        assert_eq!(idx.cursor(1).await.unwrap(), None);
+        idx.set_cursor(1, 9, "ep").await.unwrap();
+        assert_eq!(idx.cursor(1).await.unwrap(), Some((9, "ep".to_string())));
+    }
+}

@@ -1,0 +1,257 @@
+//! The HTTP client for the dbx API. Every failure is classified ([`RemoteError`]) so the CLI can
+//! map it to the documented exit codes: not logged in / bad token → 3, not found → 4, server
+//! unreachable or temporarily unavailable → 5. The token never appears in `Debug` output.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::protocol::{
+    self as p, routes as r, CommitRequest, CommitResponse, DeleteRequest, DeleteResponse,
+    ErrorBody, InfoResponse, ListResponse, LoginRequest, LoginResponse, MissingRequest,
+    MissingResponse, MkdirRequest, PutBlockResponse,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("cannot reach the server at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the server is temporarily unavailable ({status}): {message}")]
+    Unavailable { status: u16, message: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        current_rev: Option<i64>,
+    },
+    #[error("the server refused the request ({code}): {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+        missing: Option<Vec<String>>,
+    },
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+pub type RemoteResult<T> = Result<T, RemoteError>;
+
+#[derive(Clone)]
+pub struct Remote {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Remote {
+    /// A client for the server at `url` (scheme, host, port; any path is ignored).
+    pub fn new(url: &str, token: Option<String>) -> RemoteResult<Remote> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| RemoteError::Unreachable {
+            url: url.to_string(),
+            reason: format!("not a valid URL ({e})"),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(RemoteError::Unreachable {
+                url: url.to_string(),
+                reason: "the URL must start with http:// or https://".into(),
+            });
+        }
+        let base = parsed.origin().ascii_serialization();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("dbx/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| RemoteError::Protocol(e.to_string()))?;
+        Ok(Remote { base, token, http })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, route: &str) -> String {
+        format!("{}{}{}", self.base, p::API_PREFIX, route)
+    }
+
+    fn request(&self, method: Method, route: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, self.url(route));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    fn transport(&self, e: reqwest::Error) -> RemoteError {
+        if e.is_connect() || e.is_timeout() || e.is_request() {
+            RemoteError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            }
+        } else {
+            RemoteError::Protocol(root_cause(&e))
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> RemoteResult<reqwest::Response> {
+        let resp = rb.send().await.map_err(|e| self.transport(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let (code, message, missing, current_rev) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => (
+                b.error.code,
+                b.error.message,
+                b.error.missing,
+                b.error.current_rev,
+            ),
+            Err(_) => (
+                status.as_str().to_string(),
+                text.chars().take(200).collect(),
+                None,
+                None,
+            ),
+        };
+        Err(match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RemoteError::Unauthorized(message),
+            StatusCode::NOT_FOUND => RemoteError::NotFound(message),
+            StatusCode::CONFLICT if code == "conflict" => RemoteError::Conflict {
+                message,
+                current_rev,
+            },
+            StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => RemoteError::Unavailable {
+                status: status.as_u16(),
+                message,
+            },
+            _ => RemoteError::Refused {
+                status: status.as_u16(),
+                code,
+                message,
+                missing,
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> RemoteResult<T> {
+        let resp = self.send(rb).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        serde_json::from_slice(&bytes).map_err(|e| RemoteError::Protocol(e.to_string()))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        route: &str,
+        body: &B,
+    ) -> RemoteResult<T> {
+        self.json(self.request(Method::POST, route).json(body))
+            .await
+    }
+
+    pub async fn info(&self) -> RemoteResult<InfoResponse> {
+        self.json(self.request(Method::GET, r::INFO)).await
+    }
+
+    pub async fn login(&self, req: &LoginRequest) -> RemoteResult<LoginResponse> {
+        self.post(r::LOGIN, req).await
+    }
+
+    pub async fn missing(&self, hashes: Vec<String>) -> RemoteResult<Vec<String>> {
+        let resp: MissingResponse = self
+            .post(r::BLOCKS_MISSING, &MissingRequest { hashes })
+            .await?;
+        Ok(resp.missing)
+    }
+
+    pub async fn put_block(&self, hash: &str, bytes: Vec<u8>) -> RemoteResult<PutBlockResponse> {
+        self.json(
+            self.request(Method::PUT, &r::block(hash))
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(bytes),
+        )
+        .await
+    }
+
+    /// A block's bytes, verified against its id: bytes that do not match are never returned.
+    pub async fn get_block(&self, hash: &str) -> RemoteResult<Bytes> {
+        let resp = self
+            .send(self.request(Method::GET, &r::block(hash)))
+            .await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        let check = bytes.clone();
+        let actual = tokio::task::spawn_blocking(move || p::block_hash(&check))
+            .await
+            .map_err(|e| RemoteError::Protocol(e.to_string()))?;
+        if actual != hash {
+            return Err(RemoteError::Protocol(format!(
+                "block {hash} arrived corrupted (its bytes hash to {actual})"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    pub async fn commit(&self, req: &CommitRequest) -> RemoteResult<CommitResponse> {
+        self.post(r::FILES_COMMIT, req).await
+    }
+
+    pub async fn mkdir(&self, path: &str) -> RemoteResult<CommitResponse> {
+        self.post(
+            r::FILES_MKDIR,
+            &MkdirRequest {
+                path: path.to_string(),
+            },
+        )
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        path: &str,
+        parent_rev: Option<i64>,
+    ) -> RemoteResult<DeleteResponse> {
+        self.post(
+            r::FILES_DELETE,
+            &DeleteRequest {
+                path: path.to_string(),
+                parent_rev,
+            },
+        )
+        .await
+    }
+
+    pub async fn list(&self, path: &str, recursive: bool) -> RemoteResult<ListResponse> {
+        let recursive = if recursive { "true" } else { "false" };
+        self.json(
+            self.request(Method::GET, r::FILES_LIST)
+                .query(&[("path", path), ("recursive", recursive)]),
+        )
+        .await
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

@@ -1,0 +1,116 @@
+//! `dbx`: parse the command line, run the command, map the outcome to a documented exit code.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod commands;
+mod engine;
+mod output;
+mod protocol;
+mod server;
+mod sqlite;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use commands::Failure;
+use engine::{EngineError, RemoteError};
+
+/// The exit codes, as documented in `dbx --help` and the man page.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const AUTH: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const UNAVAILABLE: u8 = 5;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let filter = match cli.global.verbose {
+        _ if matches!(cli.command, cli::Command::Serve(_)) && cli.global.verbose == 0 => "dbx=info",
+        0 => "warn",
+        1 => "dbx=info",
+        _ => "dbx=debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(
+            std::env::var_os("NO_COLOR").is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dbx: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    let code = runtime.block_on(async {
+        tokio::select! {
+            r = commands::run(cli) => match r {
+                Ok(code) => code,
+                Err(e) => report(&e),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("dbx: interrupted");
+                exit::INTERRUPTED
+            }
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    ExitCode::from(code)
+}
+
+/// Prints an error chain and picks its exit code. A broken pipe is success (`dbx ls | head`).
+fn report(err: &anyhow::Error) -> u8 {
+    let code = exit_code(err);
+    if code == exit::OK {
+        return code;
+    }
+    eprintln!("dbx: error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    code
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return f.code;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return exit::OK;
+            }
+        }
+        let remote = cause.downcast_ref::<RemoteError>().or_else(|| {
+            match cause.downcast_ref::<EngineError>() {
+                Some(EngineError::Remote(r)) => Some(r),
+                _ => None,
+            }
+        });
+        if let Some(r) = remote {
+            return match r {
+                RemoteError::Unreachable { .. } | RemoteError::Unavailable { .. } => {
+                    exit::UNAVAILABLE
+                }
+                RemoteError::Unauthorized(_) => exit::AUTH,
+                RemoteError::NotFound(_) => exit::NOT_FOUND,
+                _ => exit::ERROR,
+            };
+        }
+    }
+    exit::ERROR
+}

@@ -1,0 +1,464 @@
+//! Wire types and routes shared by client and server.
+//!
+//! Both ends import these, so a wire change is a compile error, not a runtime surprise. New fields
+//! are `Option` (or defaulted) with `#[serde(default)]`, so old peers keep working.
+//!
+//! Paths on the wire are relative to a namespace root, `/`-separated, without a leading slash
+//! (the root itself is the empty string); [`normalize_path`] is the one gate both ends use.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Prefix of every API route.
+pub const API_PREFIX: &str = "/api/v1";
+/// The largest block the server accepts (and the chunker's upper bound).
+pub const MAX_BLOCK_SIZE: usize = 4 << 20;
+/// The longest path, in bytes, either end accepts.
+pub const MAX_PATH_LEN: usize = 4096;
+/// The longest path component, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+/// The most hashes one `blocks/missing` request may carry.
+pub const MAX_MISSING_BATCH: usize = 10_000;
+
+/// Route paths, relative to [`API_PREFIX`].
+pub mod routes {
+    pub const INFO: &str = "/info";
+    pub const LOGIN: &str = "/login";
+    pub const BLOCKS_MISSING: &str = "/blocks/missing";
+    pub const BLOCK: &str = "/blocks/{hash}";
+    pub const FILES_COMMIT: &str = "/files/commit";
+    pub const FILES_MKDIR: &str = "/files/mkdir";
+    pub const FILES_DELETE: &str = "/files/delete";
+    pub const FILES_LIST: &str = "/files/list";
+    pub const FILES_META: &str = "/files/meta";
+    pub const JOURNAL: &str = "/journal";
+
+    /// The URL path of one block.
+    pub fn block(hash: &str) -> String {
+        format!("/blocks/{hash}")
+    }
+}
+
+/// Content-defined chunking parameters, fixed per server so dedup is stable across clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl ChunkParams {
+    /// 256 KiB / 1 MiB / 4 MiB: ~1.9 GB/s chunking here, and a one-byte edit re-sends ~1.2 MiB.
+    pub const DEFAULT: ChunkParams = ChunkParams {
+        min: 256 << 10,
+        avg: 1 << 20,
+        max: 4 << 20,
+    };
+
+    /// Whether these parameters are ones the `fastcdc` crate and the server limits accept.
+    pub fn is_valid(&self) -> bool {
+        self.min >= 64
+            && self.min <= self.avg
+            && self.avg <= self.max
+            && self.max as usize <= MAX_BLOCK_SIZE
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InfoResponse {
+    pub version: String,
+    pub chunk: ChunkParams,
+    /// Changes when the server's metadata is recreated (or restored from a backup).
+    pub epoch: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub user: String,
+    pub password: String,
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    pub token: String,
+    pub user: String,
+    pub root_ns: i64,
+}
+
+impl std::fmt::Debug for LoginResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginResponse")
+            .field("token", &"<redacted>")
+            .field("user", &self.user)
+            .field("root_ns", &self.root_ns)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MissingRequest {
+    pub hashes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MissingResponse {
+    pub missing: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PutBlockResponse {
+    pub hash: String,
+    /// False when the server already held these bytes (proof of possession only).
+    pub stored: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EntryKind> {
+        match s {
+            "file" => Some(EntryKind::File),
+            "dir" => Some(EntryKind::Dir),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub path: String,
+    /// The revision this change was based on; `None` for a path the client believes is new.
+    #[serde(default)]
+    pub parent_rev: Option<i64>,
+    pub blocks: Vec<String>,
+    pub size: u64,
+    pub content_hash: String,
+    /// Modification time, Unix milliseconds.
+    pub mtime: i64,
+    #[serde(default)]
+    pub executable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitResponse {
+    pub rev: i64,
+    pub cursor: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MkdirRequest {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    pub path: String,
+    /// When set, the delete is refused (409) unless the path is still at this revision.
+    #[serde(default)]
+    pub parent_rev: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    pub cursor: i64,
+    /// How many entries (the path and, for a folder, everything below it) were deleted.
+    pub deleted: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PathQuery {
+    pub path: String,
+}
+
+/// One live file or folder in a namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub rev: i64,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub content_hash: Option<String>,
+    #[serde(default)]
+    pub mtime: i64,
+    #[serde(default)]
+    pub executable: bool,
+    #[serde(default)]
+    pub blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListResponse {
+    pub entries: Vec<Entry>,
+    pub cursor: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JournalQuery {
+    #[serde(default)]
+    pub cursor: i64,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalOp {
+    Add,
+    Modify,
+    Delete,
+    Move,
+    Restore,
+}
+
+impl JournalOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalOp::Add => "add",
+            JournalOp::Modify => "modify",
+            JournalOp::Delete => "delete",
+            JournalOp::Move => "move",
+            JournalOp::Restore => "restore",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JournalOp> {
+        Some(match s {
+            "add" => JournalOp::Add,
+            "modify" => JournalOp::Modify,
+            "delete" => JournalOp::Delete,
+            "move" => JournalOp::Move,
+            "restore" => JournalOp::Restore,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub id: i64,
+    pub op: JournalOp,
+    pub path: String,
+    #[serde(default)]
+    pub old_path: Option<String>,
+    pub kind: EntryKind,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub content_hash: Option<String>,
+    #[serde(default)]
+    pub blocks: Vec<String>,
+    #[serde(default)]
+    pub mtime: i64,
+    #[serde(default)]
+    pub executable: bool,
+    pub user: String,
+    #[serde(default)]
+    pub device: Option<String>,
+    /// When the server recorded the change, Unix seconds.
+    pub time: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JournalResponse {
+    pub entries: Vec<JournalEntry>,
+    pub cursor: i64,
+    pub has_more: bool,
+}
+
+/// The one error body every API error carries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorInfo,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Stable, machine-readable: `unauthorized`, `not_found`, `conflict`, `missing_blocks`,
+    /// `hash_mismatch`, `invalid_path`, `bad_request`, `too_large`, `unavailable`, `internal`.
+    pub code: String,
+    pub message: String,
+    /// For `missing_blocks`: the hashes the server does not hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Vec<String>>,
+    /// For `conflict`: the path's current revision on the server (absent: the path is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_rev: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path component {0:?} is not allowed (no `.` or `..`)")]
+    DotComponent(String),
+    #[error("path contains a NUL byte")]
+    Nul,
+    #[error("path is longer than {MAX_PATH_LEN} bytes")]
+    TooLong,
+    #[error("path component is longer than {MAX_NAME_LEN} bytes")]
+    NameTooLong,
+    #[error("path must not contain a backslash")]
+    Backslash,
+}
+
+/// Normalises a namespace path: one leading `/` and repeated or trailing `/` are dropped;
+/// `.`/`..` components, NUL bytes, backslashes and over-long names are refused, so no path can
+/// ever escape a namespace root or a synced folder. The root is `""`.
+pub fn normalize_path(path: &str) -> Result<String, PathError> {
+    if path.contains('\0') {
+        return Err(PathError::Nul);
+    }
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
+    let mut out = String::with_capacity(path.len());
+    for part in path.split('/') {
+        match part {
+            "" => continue,
+            "." | ".." => return Err(PathError::DotComponent(part.to_string())),
+            _ if part.len() > MAX_NAME_LEN => return Err(PathError::NameTooLong),
+            _ => {
+                if !out.is_empty() {
+                    out.push('/');
+                }
+                out.push_str(part);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The parent of a normalised path (`""` for a top-level name and for the root).
+pub fn parent_path(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+/// Joins two normalised paths.
+pub fn join_path(base: &str, rel: &str) -> String {
+    match (base.is_empty(), rel.is_empty()) {
+        (true, _) => rel.to_string(),
+        (_, true) => base.to_string(),
+        _ => format!("{base}/{rel}"),
+    }
+}
+
+/// Whether `hash` looks like a block id: 64 lowercase hex digits.
+pub fn is_block_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A block's id: the lowercase hex SHA-256 of its bytes.
+pub fn block_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A file's content hash: SHA-256 over the concatenated raw block digests, so two files are
+/// equal exactly when their block lists are, without comparing bytes.
+pub fn content_hash<S: AsRef<str>>(blocks: &[S]) -> String {
+    let mut h = Sha256::new();
+    for b in blocks {
+        let mut raw = [0u8; 32];
+        if hex::decode_to_slice(b.as_ref(), &mut raw).is_ok() {
+            h.update(raw);
+        } else {
+            h.update(b.as_ref().as_bytes());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_accepts_and_cleans() {
+        assert_eq!(normalize_path("/a//b/c/").unwrap(), "a/b/c");
+        assert_eq!(normalize_path("").unwrap(), "");
+        assert_eq!(normalize_path("/").unwrap(), "");
+        assert_eq!(
+            normalize_path("héllo wörld/ñ.txt").unwrap(),
+            "héllo wörld/ñ.txt"
+        );
+        assert_eq!(normalize_path("a/...b").unwrap(), "a/...b");
+    }
+
+    #[test]
+    fn normalize_refuses_escapes() {
+        assert_eq!(
+            normalize_path("a/../../etc/passwd"),
+            Err(PathError::DotComponent("..".into()))
+        );
+        assert_eq!(
+            normalize_path(".."),
+            Err(PathError::DotComponent("..".into()))
+        );
+        assert_eq!(
+            normalize_path("./a"),
+            Err(PathError::DotComponent(".".into()))
+        );
+        assert_eq!(normalize_path("a\0b"), Err(PathError::Nul));
+        assert_eq!(normalize_path("a\\..\\b"), Err(PathError::Backslash));
+        assert_eq!(
+            normalize_path(&"x".repeat(256)),
+            Err(PathError::NameTooLong)
+        );
+    }
+
+    #[test]
+    fn paths_join_and_split() {
+        assert_eq!(parent_path("a/b/c"), "a/b");
+        assert_eq!(parent_path("a"), "");
+        assert_eq!(join_path("", "a"), "a");
+        assert_eq!(join_path("a", "b/c"), "a/b/c");
+        assert_eq!(join_path("a", ""), "a");
+    }
+
+    #[test]
+    fn content_hash_depends_on_block_order() {
+        let a = block_hash(b"a");
+        let b = block_hash(b"b");
+        assert_ne!(
+            content_hash(&[a.clone(), b.clone()]),
+            content_hash(&[b.clone(), a.clone()])
+        );
+        assert_eq!(content_hash::<&str>(&[]), block_hash(b""));
+        assert!(is_block_hash(&a));
+        assert!(!is_block_hash(&a.to_uppercase()));
+    }
+}

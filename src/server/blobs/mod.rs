@@ -1,0 +1,29 @@
+//! `BlobStore`: block bytes by content hash.
+//!
+//! Invariants: `put` returns only once the bytes are durable (so the caller may then record the
+//! block in the metadata store, which is what makes it referencable); `put` of a hash already
+//! held is a no-op; `get` never returns bytes that do not hash to the requested id: a mismatch is
+//! quarantined and reported as [`BlobError::Corrupt`].
+
+pub mod fs;
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+pub use fs::FsBlobStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("block {0} is corrupt on the server (quarantined)")]
+    Corrupt(String),
+    #[error("block store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub trait BlobStore: Send + Sync + 'static {
+    /// Stores `bytes` under `hash` durably. The caller has verified that they hash to `hash`.
+    fn put(&self, hash: &str, bytes: Bytes) -> impl Future<Output = Result<(), BlobError>> + Send;
+    /// The block's bytes, verified against `hash`, or `None` when the store lacks it.
+    fn get(&self, hash: &str) -> impl Future<Output = Result<Option<Bytes>, BlobError>> + Send;
+}

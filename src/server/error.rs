@@ -1,0 +1,102 @@
+//! The one place server errors become HTTP: a status and a `{"error": {"code", "message"}}` body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::blobs::BlobError;
+use super::store::StoreError;
+use crate::protocol::{ErrorBody, ErrorInfo, PathError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("invalid path: {0}")]
+    InvalidPath(#[from] PathError),
+    #[error("block bytes hash to {actual}, not to {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        current_rev: Option<i64>,
+    },
+    #[error("{0}")]
+    PathConflict(String),
+    #[error("{} referenced block(s) are missing, first {}; upload them, then commit again", .0.len(), .0.first().map(String::as_str).unwrap_or(""))]
+    MissingBlocks(Vec<String>),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ApiError::NotFound(m),
+            StoreError::Conflict {
+                message,
+                current_rev,
+            } => ApiError::Conflict {
+                message,
+                current_rev,
+            },
+            StoreError::PathConflict(m) => ApiError::PathConflict(m),
+            StoreError::MissingBlocks(m) => ApiError::MissingBlocks(m),
+            StoreError::AlreadyExists(m) => ApiError::PathConflict(m),
+            StoreError::Invalid(m) => ApiError::BadRequest(m),
+            e @ StoreError::Db(_) => ApiError::Store(e),
+        }
+    }
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            ApiError::HashMismatch { .. } => (StatusCode::BAD_REQUEST, "hash_mismatch"),
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PathConflict(_) => (StatusCode::CONFLICT, "path_conflict"),
+            ApiError::MissingBlocks(_) => (StatusCode::BAD_REQUEST, "missing_blocks"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Store(_) | ApiError::Blob(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, code, "request refused");
+        }
+        let mut info = ErrorInfo {
+            code: code.to_string(),
+            message: self.to_string(),
+            missing: None,
+            current_rev: None,
+        };
+        match self {
+            ApiError::MissingBlocks(m) => info.missing = Some(m),
+            ApiError::Conflict { current_rev, .. } => info.current_rev = current_rev,
+            _ => {}
+        }
+        (status, Json(ErrorBody { error: info })).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

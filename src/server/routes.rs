@@ -1,0 +1,281 @@
+//! HTTP routes: thin handlers that validate input, check the caller, and call the stores.
+//!
+//! Every path from a client goes through `protocol::normalize_path` before it reaches a store,
+//! so no request can name anything outside its namespace. Block bytes are re-hashed before they
+//! are stored; a block is recorded in the metadata only after the blob store made it durable.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::auth::{self, Caller};
+use super::blobs::BlobStore;
+use super::error::{ApiError, ApiResult};
+use super::store::MetaStore;
+use super::App;
+use crate::protocol::{
+    self as p, routes as r, CommitRequest, CommitResponse, DeleteRequest, DeleteResponse,
+    InfoResponse, JournalQuery, JournalResponse, ListQuery, ListResponse, LoginRequest,
+    LoginResponse, MissingRequest, MissingResponse, MkdirRequest, PathQuery, PutBlockResponse,
+};
+
+/// Request bodies larger than this are refused before they are read (a commit of a 50 GB file
+/// lists ~50,000 block ids, about 3.3 MB of JSON).
+const MAX_BODY_BYTES: usize = 64 << 20;
+const DEFAULT_JOURNAL_PAGE: u32 = 1000;
+const MAX_JOURNAL_PAGE: u32 = 10_000;
+
+type AppState<M, B> = State<Arc<App<M, B>>>;
+
+pub fn router<M: MetaStore, B: BlobStore>(app: Arc<App<M, B>>) -> Router {
+    let api = Router::new()
+        .route(r::INFO, get(info::<M, B>))
+        .route(r::LOGIN, post(login::<M, B>))
+        .route(r::BLOCKS_MISSING, post(blocks_missing::<M, B>))
+        .route(r::BLOCK, get(get_block::<M, B>).put(put_block::<M, B>))
+        .route(r::FILES_COMMIT, post(commit::<M, B>))
+        .route(r::FILES_MKDIR, post(mkdir::<M, B>))
+        .route(r::FILES_DELETE, post(delete::<M, B>))
+        .route(r::FILES_LIST, get(list::<M, B>))
+        .route(r::FILES_META, get(meta::<M, B>))
+        .route(r::JOURNAL, get(journal::<M, B>));
+    Router::new()
+        .nest(p::API_PREFIX, api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+fn check_hash(hash: &str) -> ApiResult<()> {
+    if p::is_block_hash(hash) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{hash:?} is not a block id (64 lowercase hex digits)"
+        )))
+    }
+}
+
+async fn info<M: MetaStore, B: BlobStore>(State(app): AppState<M, B>) -> Json<InfoResponse> {
+    Json(InfoResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        chunk: app.chunk,
+        epoch: app.epoch.clone(),
+    })
+}
+
+async fn login<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    Json(req): Json<LoginRequest>,
+) -> ApiResult<Json<LoginResponse>> {
+    let found = app.store.user_by_name(&req.user).await?;
+    let refused = || ApiError::Unauthorized("unknown user or wrong password".into());
+    let Some((user, phc)) = found else {
+        return Err(refused());
+    };
+    let password = req.password.clone();
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
+        .await
+        .unwrap_or(false);
+    if !ok {
+        return Err(refused());
+    }
+    if user.disabled {
+        return Err(ApiError::Unauthorized(format!(
+            "user {} is disabled; ask the server's admin",
+            user.name
+        )));
+    }
+    let token = auth::random_secret("dbx_");
+    app.store
+        .create_token(user.id, &auth::token_hash(&token), req.device.as_deref())
+        .await?;
+    tracing::info!(user = %user.name, device = ?req.device, "login");
+    Ok(Json(LoginResponse {
+        token,
+        user: user.name,
+        root_ns: user.root_ns,
+    }))
+}
+
+async fn blocks_missing<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<MissingRequest>,
+) -> ApiResult<Json<MissingResponse>> {
+    if req.hashes.len() > p::MAX_MISSING_BATCH {
+        return Err(ApiError::TooLarge(format!(
+            "at most {} hashes per request",
+            p::MAX_MISSING_BATCH
+        )));
+    }
+    for h in &req.hashes {
+        check_hash(h)?;
+    }
+    // Only blocks the caller could already read count as present, so nobody can probe for
+    // another user's data; a block held only by others is uploaded again (proof of possession).
+    let present = app.store.readable_blocks(&caller.user, &req.hashes).await?;
+    let mut seen = HashSet::new();
+    let missing = req
+        .hashes
+        .into_iter()
+        .filter(|h| !present.contains(h) && seen.insert(h.clone()))
+        .collect();
+    Ok(Json(MissingResponse { missing }))
+}
+
+async fn put_block<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Path(hash): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    check_hash(&hash)?;
+    if body.len() > p::MAX_BLOCK_SIZE {
+        return Err(ApiError::TooLarge(format!(
+            "a block is at most {} bytes",
+            p::MAX_BLOCK_SIZE
+        )));
+    }
+    let to_hash = body.clone();
+    let actual = tokio::task::spawn_blocking(move || p::block_hash(&to_hash))
+        .await
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if actual != hash {
+        return Err(ApiError::HashMismatch {
+            expected: hash,
+            actual,
+        });
+    }
+    let size = body.len() as u64;
+    let stored = if app.store.block_exists(&hash).await? {
+        false
+    } else {
+        // Durable first, recorded second: a block row always has its bytes behind it.
+        app.blobs.put(&hash, body).await?;
+        true
+    };
+    app.store.record_block(&hash, size, caller.user.id).await?;
+    let status = if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(PutBlockResponse { hash, stored })))
+}
+
+async fn get_block<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Path(hash): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    check_hash(&hash)?;
+    let not_found = || ApiError::NotFound(format!("block {hash} not found"));
+    let readable = app
+        .store
+        .readable_blocks(&caller.user, std::slice::from_ref(&hash))
+        .await?;
+    if readable.is_empty() {
+        return Err(not_found());
+    }
+    let bytes = app.blobs.get(&hash).await?.ok_or_else(|| {
+        tracing::error!(block = %hash, "block recorded in metadata but absent from the block store");
+        not_found()
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes))
+}
+
+async fn commit<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(mut req): Json<CommitRequest>,
+) -> ApiResult<Json<CommitResponse>> {
+    req.path = p::normalize_path(&req.path)?;
+    for h in &req.blocks {
+        check_hash(h)?;
+    }
+    let (rev, cursor) = app
+        .store
+        .commit_file(caller.user.root_ns, &caller.actor(), &req)
+        .await?;
+    Ok(Json(CommitResponse { rev, cursor }))
+}
+
+async fn mkdir<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<MkdirRequest>,
+) -> ApiResult<Json<CommitResponse>> {
+    let path = p::normalize_path(&req.path)?;
+    let (rev, cursor) = app
+        .store
+        .mkdir(caller.user.root_ns, &caller.actor(), &path)
+        .await?;
+    Ok(Json(CommitResponse { rev, cursor }))
+}
+
+async fn delete<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<DeleteRequest>,
+) -> ApiResult<Json<DeleteResponse>> {
+    let path = p::normalize_path(&req.path)?;
+    let (cursor, deleted) = app
+        .store
+        .delete(caller.user.root_ns, &caller.actor(), &path, req.parent_rev)
+        .await?;
+    Ok(Json(DeleteResponse { cursor, deleted }))
+}
+
+async fn list<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<ListResponse>> {
+    let path = p::normalize_path(&q.path)?;
+    let (entries, cursor) = app
+        .store
+        .list(caller.user.root_ns, &path, q.recursive)
+        .await?;
+    Ok(Json(ListResponse { entries, cursor }))
+}
+
+async fn meta<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Json<p::Entry>> {
+    let path = p::normalize_path(&q.path)?;
+    app.store
+        .meta(caller.user.root_ns, &path)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("/{path} does not exist on the server")))
+}
+
+async fn journal<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Query(q): Query<JournalQuery>,
+) -> ApiResult<Json<JournalResponse>> {
+    let limit = q
+        .limit
+        .unwrap_or(DEFAULT_JOURNAL_PAGE)
+        .clamp(1, MAX_JOURNAL_PAGE);
+    let (entries, cursor, has_more) = app
+        .store
+        .journal(caller.user.root_ns, q.cursor, limit)
+        .await?;
+    Ok(Json(JournalResponse {
+        entries,
+        cursor,
+        has_more,
+    }))
+}

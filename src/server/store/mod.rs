@@ -1,0 +1,156 @@
+//! `MetaStore`: users, tokens, namespaces, the live tree and the journal.
+//!
+//! Invariants every implementation keeps:
+//! - a commit is one transaction: it checks that every referenced block is recorded (and block
+//!   rows are written only after the bytes are durable, see `blobs`), the parent revision, and
+//!   the path's ancestors, then appends journal rows and updates the tree, or changes nothing;
+//! - journal ids increase per namespace with no gaps; a file's `rev` is the id of the journal row
+//!   that last changed it;
+//! - passwords and tokens are stored only as hashes.
+
+pub mod sqlite;
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use crate::protocol::{CommitRequest, Entry, JournalEntry};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        current_rev: Option<i64>,
+    },
+    #[error("{0}")]
+    PathConflict(String),
+    #[error("{} referenced block(s) are not on the server", .0.len())]
+    MissingBlocks(Vec<String>),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub disabled: bool,
+    pub root_ns: i64,
+    pub quota_bytes: Option<i64>,
+    pub created_at: i64,
+}
+
+/// Who is making a change, recorded in the journal.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub user_id: i64,
+    pub device: Option<String>,
+}
+
+pub trait MetaStore: Send + Sync + 'static {
+    /// A random id made when the metadata was created; clients notice a restore or a rebuild.
+    fn epoch(&self) -> impl Future<Output = StoreResult<String>> + Send;
+
+    fn user_count(&self) -> impl Future<Output = StoreResult<i64>> + Send;
+    /// Creates a user and its root namespace.
+    fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        quota_bytes: Option<i64>,
+    ) -> impl Future<Output = StoreResult<User>> + Send;
+    fn list_users(&self) -> impl Future<Output = StoreResult<Vec<User>>> + Send;
+    /// The user and its password hash.
+    fn user_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = StoreResult<Option<(User, String)>>> + Send;
+    fn set_password(
+        &self,
+        name: &str,
+        password_hash: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Disables or enables a user; disabling also revokes every token it holds.
+    fn set_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+
+    fn create_token(
+        &self,
+        user_id: i64,
+        token_hash: &str,
+        device: Option<&str>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn user_by_token(
+        &self,
+        token_hash: &str,
+    ) -> impl Future<Output = StoreResult<Option<(User, Option<String>)>>> + Send;
+
+    /// Of `hashes`, those the user may already read: referenced by a file in one of its
+    /// namespaces, or uploaded by the user itself.
+    fn readable_blocks(
+        &self,
+        user: &User,
+        hashes: &[String],
+    ) -> impl Future<Output = StoreResult<HashSet<String>>> + Send;
+    fn block_exists(&self, hash: &str) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Records that the blob store durably holds `hash` (call only after the bytes are durable)
+    /// and that `user_id` proved possession of it.
+    fn record_block(
+        &self,
+        hash: &str,
+        size: u64,
+        user_id: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Commits a file: see the module invariants. Returns the new revision and cursor.
+    fn commit_file(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        req: &CommitRequest,
+    ) -> impl Future<Output = StoreResult<(i64, i64)>> + Send;
+    /// Creates a folder (and any missing ancestors). Idempotent.
+    fn mkdir(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        path: &str,
+    ) -> impl Future<Output = StoreResult<(i64, i64)>> + Send;
+    /// Deletes a file, or a folder and everything below it. Returns (cursor, entries deleted).
+    fn delete(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        path: &str,
+        parent_rev: Option<i64>,
+    ) -> impl Future<Output = StoreResult<(i64, u64)>> + Send;
+    /// Entries below `path` (the whole subtree when `recursive`), with block lists, and the cursor
+    /// they are consistent with.
+    fn list(
+        &self,
+        ns: i64,
+        path: &str,
+        recursive: bool,
+    ) -> impl Future<Output = StoreResult<(Vec<Entry>, i64)>> + Send;
+    fn meta(&self, ns: i64, path: &str) -> impl Future<Output = StoreResult<Option<Entry>>> + Send;
+    /// Journal rows after `cursor`, at most `limit`; returns (rows, new cursor, has_more).
+    fn journal(
+        &self,
+        ns: i64,
+        cursor: i64,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<(Vec<JournalEntry>, i64, bool)>> + Send;
+}

@@ -1,0 +1,262 @@
+//! Bad input gets a clear error, the documented exit code, and changes nothing.
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+async fn token(server: &Server, user: &str) -> String {
+    let resp: Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/login", server.url))
+        .json(&json!({"user": user, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["token"].as_str().unwrap().to_string()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+async fn journal_len(server: &Server, tok: &str) -> usize {
+    let j: Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/journal?cursor=0", server.url))
+        .bearer_auth(tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    j["entries"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn block_with_wrong_hash_is_refused_and_not_stored() {
+    let server = Server::start();
+    let tok = token(&server, "alice").await;
+    let http = reqwest::Client::new();
+    let claimed = sha(b"what the client claims");
+    let resp = http
+        .put(format!("{}/api/v1/blocks/{claimed}", server.url))
+        .bearer_auth(&tok)
+        .body(b"other bytes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "hash_mismatch");
+    assert!(!server
+        .data
+        .path()
+        .join("blocks")
+        .join(&claimed[..2])
+        .join(&claimed)
+        .exists());
+    let missing: Value = http
+        .post(format!("{}/api/v1/blocks/missing", server.url))
+        .bearer_auth(&tok)
+        .json(&json!({"hashes": [claimed]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(missing["missing"], json!([claimed]));
+}
+
+#[tokio::test]
+async fn commit_with_unknown_block_is_refused_and_journals_nothing() {
+    let server = Server::start();
+    let tok = token(&server, "alice").await;
+    let never = sha(b"never uploaded");
+    let content_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(hex::decode(&never).unwrap()))
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/files/commit", server.url))
+        .bearer_auth(&tok)
+        .json(&json!({"path": "a.txt", "blocks": [never], "size": 14,
+                      "content_hash": content_hash, "mtime": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_blocks");
+    assert_eq!(body["error"]["missing"], json!([never]));
+    assert!(body["error"]["message"].as_str().unwrap().contains(&never));
+    assert_eq!(journal_len(&server, &tok).await, 0);
+}
+
+#[tokio::test]
+async fn path_traversal_is_refused() {
+    let server = Server::start();
+    let tok = token(&server, "alice").await;
+    let http = reqwest::Client::new();
+    let empty = sha(b"");
+    for bad in [
+        "../escape",
+        "a/../../etc/passwd",
+        "a/./b",
+        "nul\u{0}byte",
+        "back\\slash",
+    ] {
+        let resp = http
+            .post(format!("{}/api/v1/files/commit", server.url))
+            .bearer_auth(&tok)
+            .json(&json!({"path": bad, "blocks": [], "size": 0,
+                          "content_hash": empty, "mtime": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{bad:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_path", "{bad:?}");
+        let resp = http
+            .post(format!("{}/api/v1/files/delete", server.url))
+            .bearer_auth(&tok)
+            .json(&json!({"path": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{bad:?}");
+    }
+    assert_eq!(journal_len(&server, &tok).await, 0);
+}
+
+#[tokio::test]
+async fn one_user_cannot_read_or_probe_another_users_blocks() {
+    let server = Server::start();
+    let alice = token(&server, "alice").await;
+    let bob = token(&server, "bob").await;
+    let http = reqwest::Client::new();
+    let bytes = b"alice's secret".to_vec();
+    let hash = sha(&bytes);
+    let put = http
+        .put(format!("{}/api/v1/blocks/{hash}", server.url))
+        .bearer_auth(&alice)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let get = http
+        .get(format!("{}/api/v1/blocks/{hash}", server.url))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 404);
+    let missing: Value = http
+        .post(format!("{}/api/v1/blocks/missing", server.url))
+        .bearer_auth(&bob)
+        .json(&json!({"hashes": [hash]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        missing["missing"],
+        json!([hash]),
+        "bob must not learn alice has it"
+    );
+    let get = http
+        .get(format!("{}/api/v1/blocks/{hash}", server.url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    assert_eq!(get.bytes().await.unwrap().to_vec(), bytes);
+}
+
+#[test]
+fn wrong_token_exits_3_and_says_to_log_in() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    dev.init(dir.path());
+    let out = dev
+        .cmd(dir.path())
+        .env("DBX_TOKEN", "dbx_wrong")
+        .args(["push"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("dbx login"), "{}", stderr(&out));
+}
+
+#[test]
+fn wrong_password_exits_3() {
+    let server = Server::start();
+    let dev = Client::new();
+    let out = run_with_stdin(
+        dev.cmd(dev.home.path()).args([
+            "login",
+            &server.url,
+            "--user",
+            "alice",
+            "--password-stdin",
+        ]),
+        "wrong\n",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = run_with_stdin(
+        dev.cmd(dev.home.path()).args([
+            "login",
+            &server.url,
+            "--user",
+            "nobody",
+            "--password-stdin",
+        ]),
+        &format!("{PASSWORD}\n"),
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
+
+#[test]
+fn server_not_running_exits_5() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    dev.init(dir.path());
+    drop(server);
+    let out = dev.run(dir.path(), &["push"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the server"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn not_logged_in_exits_3_and_outside_a_folder_says_init() {
+    let dev = Client::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dev.run(dir.path(), &["init"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("dbx login"));
+    let out = dev.run(dir.path(), &["push"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("dbx init"), "{}", stderr(&out));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dev = Client::new();
+    let out = dev.run(dev.home.path(), &["push", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,279 @@
+//! Test harness: a running server, isolated clients, deterministic random trees, tree digests.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dbx");
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A `dbx serve` on 127.0.0.1:0 with its own data directory; killed on drop.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub data: TempDir,
+}
+
+impl Server {
+    /// Starts a server with users `alice` and `bob` (password [`PASSWORD`]).
+    pub fn start() -> Server {
+        let data = tempfile::tempdir().unwrap();
+        for user in ["alice", "bob"] {
+            let out = run_with_stdin(
+                Command::new(BIN)
+                    .args(["admin", "user", "add", user, "--password-stdin", "--data"])
+                    .arg(data.path()),
+                &format!("{PASSWORD}\n"),
+            );
+            assert!(out.status.success(), "admin user add: {}", stderr(&out));
+        }
+        Self::start_on(data)
+    }
+
+    /// Starts a server on an existing data directory.
+    pub fn start_on(data: TempDir) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dbx serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("dbx serve exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url, data }
+    }
+
+    /// Stops the server, keeping its data directory.
+    pub fn stop(mut self) -> TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.data, data)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client machine: its own HOME and config directory (tokens in a 0600 file).
+pub struct Client {
+    pub home: TempDir,
+}
+
+impl Client {
+    pub fn new() -> Client {
+        Client {
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn cmd(&self, dir: &Path) -> Command {
+        let mut c = Command::new(BIN);
+        c.current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.home.path())
+            .env("XDG_CONFIG_HOME", self.home.path().join("config"))
+            .env("DBX_KEYRING", "file")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `dbx ARGS` in `dir`.
+    pub fn run(&self, dir: &Path, args: &[&str]) -> Output {
+        self.cmd(dir).args(args).output().expect("run dbx")
+    }
+
+    /// Runs `dbx ARGS` in `dir` and asserts success.
+    pub fn ok(&self, dir: &Path, args: &[&str]) -> Output {
+        let out = self.run(dir, args);
+        assert!(
+            out.status.success(),
+            "dbx {args:?} failed ({:?}):\n{}",
+            out.status.code(),
+            stderr(&out)
+        );
+        out
+    }
+
+    /// Runs `dbx --json ARGS` in `dir`, asserts success, parses stdout.
+    pub fn json(&self, dir: &Path, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ok(dir, &all);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout of dbx {args:?} is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn login(&self, server: &Server, user: &str) {
+        let out = run_with_stdin(
+            self.cmd(self.home.path()).args([
+                "login",
+                &server.url,
+                "--user",
+                user,
+                "--password-stdin",
+            ]),
+            &format!("{PASSWORD}\n"),
+        );
+        assert!(out.status.success(), "login: {}", stderr(&out));
+    }
+
+    /// Makes `dir` a synced folder mirroring the server's `/`.
+    pub fn init(&self, dir: &Path) {
+        self.init_at(dir, "/");
+    }
+
+    /// Makes `dir` a synced folder mirroring the server folder `remote`.
+    pub fn init_at(&self, dir: &Path, remote: &str) {
+        self.ok(
+            self.home.path(),
+            &["init", dir.to_str().unwrap(), "--remote", remote],
+        );
+    }
+}
+
+pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dbx");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so trees are reproducible from a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+pub fn write_file(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// What a tree holds: per relative path, `dir`, or the SHA-256 of the bytes and the exec bit.
+pub fn digest_tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for entry in walk(root) {
+        let rel = entry
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if rel == ".dbx" || rel.starts_with(".dbx/") {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&entry).unwrap();
+        let v = if meta.is_dir() {
+            "dir".to_string()
+        } else {
+            let bytes = std::fs::read(&entry).unwrap();
+            let exec = meta.permissions().mode() & 0o111 != 0;
+            format!("{} x={exec}", hex::encode(Sha256::digest(&bytes)))
+        };
+        out.insert(rel, v);
+    }
+    out
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().is_some_and(|n| n == ".dbx") {
+                continue;
+            }
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Asserts two digests are equal, printing only the paths that differ.
+pub fn assert_same(actual: &BTreeMap<String, String>, expected: &BTreeMap<String, String>) {
+    let mut diffs = Vec::new();
+    for (k, v) in expected {
+        match actual.get(k) {
+            None => diffs.push(format!("missing: {k}")),
+            Some(a) if a != v => diffs.push(format!("differs: {k}: {a} != {v}")),
+            _ => {}
+        }
+    }
+    for k in actual.keys().filter(|k| !expected.contains_key(*k)) {
+        diffs.push(format!("unexpected: {k}"));
+    }
+    assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+}
