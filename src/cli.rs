@@ -18,8 +18,7 @@ Exit codes:
 Environment:
   DBX_SERVER    server URL, overriding the folder's and the default login's
   DBX_TOKEN     bearer token, overriding the stored one
-  DBX_KEYRING   `file` keeps tokens in $XDG_CONFIG_HOME/dbx/credentials.toml (0600) instead
-                of the OS keyring
+  DBX_KEYRING   `file`: keep tokens in a 0600 file, not in the OS keyring
   NO_COLOR      disables colours";
 
 #[derive(Debug, Parser)]
@@ -73,6 +72,11 @@ pub enum Command {
     Pull(TransferArgs),
     /// List files on the server
     Ls(LsArgs),
+    /// Print a shell completion script (e.g. `dbx completions bash > /etc/bash_completion.d/dbx`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -175,4 +179,66 @@ pub struct LsArgs {
     /// List everything below, not only direct children
     #[arg(long, short = 'R')]
     pub recursive: bool,
+}
+
+/// The generated files kept in the repository: completions for bash, zsh and fish, and the man
+/// pages (one per command), as (path relative to the crate root, contents).
+pub fn generated_files() -> std::io::Result<Vec<(PathBuf, Vec<u8>)>> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    for (shell, name) in [
+        (clap_complete::Shell::Bash, "dbx.bash"),
+        (clap_complete::Shell::Zsh, "_dbx"),
+        (clap_complete::Shell::Fish, "dbx.fish"),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "dbx", &mut buf);
+        out.push((PathBuf::from("completions").join(name), buf));
+    }
+    let dir = tempfile::tempdir()?;
+    clap_mangen::generate_to(Cli::command(), dir.path())?;
+    let mut pages: Vec<_> = std::fs::read_dir(dir.path())?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    pages.sort();
+    for p in pages {
+        let name = p.file_name().expect("a page has a name").to_owned();
+        out.push((PathBuf::from("man").join(name), std::fs::read(&p)?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    /// Completions and man pages are generated from this file; the checked-in copies must match.
+    /// Regenerate with `DBX_BLESS=1 cargo test generated_files`.
+    #[test]
+    fn generated_files_are_up_to_date() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let bless = std::env::var_os("DBX_BLESS").is_some();
+        let mut stale = Vec::new();
+        for (rel, contents) in generated_files().unwrap() {
+            let path = root.join(&rel);
+            if std::fs::read(&path).ok().as_deref() != Some(&contents[..]) {
+                if bless {
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(&path, &contents).unwrap();
+                } else {
+                    stale.push(rel.display().to_string());
+                }
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "out of date: {stale:?}; run `DBX_BLESS=1 cargo test generated_files` and commit"
+        );
+    }
 }

@@ -52,6 +52,11 @@ pub async fn run(cli: Cli) -> Result<u8> {
             transfer::run(a, &g, printer, crate::engine::planner::Direction::Pull).await
         }
         Command::Ls(a) => ls::run(a, &g, printer).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "dbx", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
     }
 }
 
