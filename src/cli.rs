@@ -183,6 +183,7 @@ pub struct LsArgs {
 
 /// The generated files kept in the repository: completions for bash, zsh and fish, and the man
 /// pages (one per command), as (path relative to the crate root, contents).
+#[cfg(test)]
 pub fn generated_files() -> std::io::Result<Vec<(PathBuf, Vec<u8>)>> {
     use clap::CommandFactory;
     let mut out = Vec::new();

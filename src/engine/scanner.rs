@@ -58,10 +58,12 @@ pub struct Scan {
     /// Some folder or file could not be read: what is missing from `tree` may still exist, so
     /// nothing may be deleted on the strength of this scan.
     pub incomplete: bool,
+    /// dbx's own temp files left by a run that was killed (downloads in flight).
+    pub stale_temps: Vec<std::path::PathBuf>,
 }
 
 fn builtin_ignored(name: &str) -> bool {
-    name == STATE_DIR || name.starts_with(TEMP_PREFIX)
+    name == STATE_DIR
 }
 
 /// Walks `root`. An error reading a subfolder becomes a warning and marks the scan
@@ -107,6 +109,10 @@ pub fn scan(root: &Path) -> std::io::Result<Scan> {
         let Some(ft) = entry.file_type() else {
             continue;
         };
+        if ft.is_file() && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            out.stale_temps.push(entry.path().to_path_buf());
+            continue;
+        }
         if ft.is_symlink() {
             out.warnings.push(format!(
                 "skipped symlink {path}: dbx does not sync symlinks"
@@ -163,5 +169,6 @@ mod tests {
         assert_eq!(scan.tree["a/b/keep.txt"].size, 5);
         assert_eq!(scan.tree["a"].kind, EntryKind::Dir);
         assert!(scan.warnings.iter().any(|w| w.contains("symlink link")));
+        assert_eq!(scan.stale_temps, vec![root.join(".dbx-tmp-123")]);
     }
 }

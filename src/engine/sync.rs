@@ -284,6 +284,10 @@ pub async fn run(
     if epoch_changed {
         index.clear().await?;
     }
+    // Leftovers of a run that was killed mid-download: never synced, safe to drop.
+    for t in &scan.stale_temps {
+        let _ = fs::remove_file(t);
+    }
     let result = ctx.apply(&plan.actions).await;
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ctx.ops).await?;

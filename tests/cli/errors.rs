@@ -260,3 +260,81 @@ fn usage_errors_exit_2() {
     let out = dev.run(dev.home.path(), &["push", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Every block file the server holds.
+fn block_files(server: &Server) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(server.data.path().join("blocks")).unwrap() {
+        let d = d.unwrap().path();
+        if d.file_name().unwrap().len() == 2 {
+            for f in std::fs::read_dir(&d).unwrap() {
+                out.push(f.unwrap().path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_block_corrupted_on_the_server_is_never_written_locally() {
+    let server = Server::start();
+    let dev1 = Client::new();
+    let dev2 = Client::new();
+    dev1.login(&server, "alice");
+    dev2.login(&server, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a");
+    let b = work.path().join("b");
+    write_file(&a.join("precious.bin"), &Rng::new(3).bytes(300_000));
+    dev1.init(&a);
+    dev2.init(&b);
+    dev1.ok(&a, &["push"]);
+    let blocks = block_files(&server);
+    assert_eq!(blocks.len(), 1);
+    let mut raw = std::fs::read(&blocks[0]).unwrap();
+    raw[1000] ^= 0x40;
+    std::fs::write(&blocks[0], raw).unwrap();
+
+    let out = dev2.run(&b, &["pull"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert!(!b.join("precious.bin").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".dbx")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(
+        server
+            .data
+            .path()
+            .join("blocks/quarantine")
+            .read_dir()
+            .unwrap()
+            .count()
+            == 1,
+        "the bad block is quarantined"
+    );
+}
+
+#[test]
+fn stale_temp_files_are_cleaned_and_never_uploaded() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("sub/.dbx-tmp-killed"), b"half a download");
+    write_file(&dir.path().join("real.txt"), b"real");
+    dev.init(dir.path());
+    dev.ok(dir.path(), &["push"]);
+    assert!(!dir.path().join("sub/.dbx-tmp-killed").exists());
+    let listing = dev.json(dir.path(), &["ls", "-R"]);
+    let paths: Vec<_> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(paths, vec!["/real.txt", "/sub"]);
+}

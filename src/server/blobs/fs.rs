@@ -25,7 +25,13 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 impl FsBlobStore {
     pub fn open(root: &Path) -> io::Result<FsBlobStore> {
-        fs::create_dir_all(root.join("tmp"))?;
+        // Temp files left by a server that was killed mid-write hold nothing that was
+        // acknowledged: start from an empty `tmp/`.
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
         Ok(FsBlobStore {
             root: root.to_path_buf(),
         })

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Times dbx on loopback with the shared dataset generator: initial push, no-op push, a 1-byte
+# insert at offset 1000 of the big file, and a pull of everything into an empty folder.
+#
+# Usage: bench/roundtrip.sh [BIG_MIB] [N_SMALL] [WORKDIR]   (defaults: 512 20000 /tmp/dbx-bench)
+# Needs a release build (cargo build --release) and python3. Prints "scenario seconds" lines and
+# '#' lines with the --json figures (bytes sent/received) and peak RSS of the client.
+set -euo pipefail
+BIG=${1:-512}; N=${2:-20000}; W=${3:-/tmp/dbx-bench}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DBX=$ROOT/target/release/dbx
+MKDATA=${MKDATA:-$ROOT/../shared/bench/mkdata.py}
+[ -x "$DBX" ] || { echo "build first: cargo build --release" >&2; exit 2; }
+[ -f "$MKDATA" ] || { echo "no dataset generator at $MKDATA (set MKDATA)" >&2; exit 2; }
+
+rm -rf "$W"; mkdir -p "$W"
+export HOME=$W/home XDG_CONFIG_HOME=$W/home/config DBX_KEYRING=file
+python3 "$MKDATA" "$W/src" "$BIG" "$N"
+"$DBX" admin user add bench --password-stdin --data "$W/data" <<<"bench-password" >/dev/null
+"$DBX" serve --listen 127.0.0.1:0 --data "$W/data" >"$W/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q "listening on" "$W/serve.log" && break; sleep 0.1; done
+URL=$(grep -o 'http://[0-9.:]*' "$W/serve.log" | head -1)
+"$DBX" login "$URL" --user bench --password-stdin <<<"bench-password" >/dev/null
+"$DBX" init "$W/src" >/dev/null
+"$DBX" init "$W/restore" >/dev/null
+echo "# dataset: $(find "$W/src" -type f -not -path '*/.dbx/*' | wc -l) files, $(du -sb --exclude=.dbx "$W/src" | cut -f1) bytes; $(nproc) cpus"
+
+run() {  # run NAME DIR ARGS...
+  local name=$1 dir=$2; shift 2
+  local s e
+  sync
+  s=$EPOCHREALTIME
+  /usr/bin/time -f "%M" -o "$W/$name.rss" "$DBX" -C "$dir" --json "$@" >"$W/$name.json"
+  e=$EPOCHREALTIME
+  awk -v n="$name" -v s="$s" -v e="$e" 'BEGIN{printf "%s %.3f\n", n, e-s}'
+  python3 - "$W/$name.json" "$name" "$(cat "$W/$name.rss")" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+keys = ["files_uploaded", "files_downloaded", "blocks_uploaded", "block_bytes_sent",
+        "bytes_deduplicated", "block_bytes_received"]
+print("# %s %s peak_rss_kib=%s" % (sys.argv[2], " ".join("%s=%s" % (k, r[k]) for k in keys), sys.argv[3]))
+PY
+}
+run initial_push "$W/src" push
+run noop_push "$W/src" push
+python3 - "$W/src/big/blob.bin" <<'P'
+import sys; p = sys.argv[1]; d = open(p, 'rb').read(); open(p, 'wb').write(d[:1000] + b'X' + d[1000:])
+P
+run edit_insert1 "$W/src" push
+run restore_all "$W/restore" pull
+if diff -rq --exclude=.dbx "$W/src" "$W/restore" >/dev/null; then echo "# restore verify=ok"; else echo "# restore verify=MISMATCH"; fi
+echo "# server stored: $(du -sb "$W/data/blocks" | cut -f1) bytes of blocks"
