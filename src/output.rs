@@ -62,6 +62,15 @@ impl Printer {
         }
     }
 
+    /// One compact JSON line on stdout (with `--json`): for event streams.
+    pub fn json_line<T: Serialize>(&self, value: &T) {
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            let _ = serde_json::to_writer(&mut out, value);
+            let _ = writeln!(out);
+        }
+    }
+
     pub fn progress(&self) -> Box<dyn Progress> {
         if self.progress {
             Box::new(Bars {

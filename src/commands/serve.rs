@@ -22,13 +22,14 @@ pub async fn run(args: ServeArgs, printer: Printer) -> Result<u8> {
              It is shown only this once. Log in with:\n  \
              dbx login {url} --user admin"
         ));
-        printer.json(&json!({"event": "admin_created", "user": "admin", "password": password}));
+        printer
+            .json_line(&json!({"event": "admin_created", "user": "admin", "password": password}));
     }
     printer.line(format!(
         "dbx serve: listening on {url} (data in {})",
         args.data.display()
     ));
-    printer.json(&json!({"event": "listening", "url": url, "data": args.data}));
+    printer.json_line(&json!({"event": "listening", "url": url, "data": args.data}));
     tracing::info!(%addr, "listening");
     server::serve(app, listener, shutdown_signal()).await?;
     tracing::info!("stopped");
