@@ -46,6 +46,12 @@ _dbx() {
             dbx,serve)
                 cmd="dbx__subcmd__serve"
                 ;;
+            dbx,status)
+                cmd="dbx__subcmd__status"
+                ;;
+            dbx,sync)
+                cmd="dbx__subcmd__sync"
+                ;;
             dbx__subcmd__admin,help)
                 cmd="dbx__subcmd__admin__subcmd__help"
                 ;;
@@ -139,6 +145,12 @@ _dbx() {
             dbx__subcmd__help,serve)
                 cmd="dbx__subcmd__help__subcmd__serve"
                 ;;
+            dbx__subcmd__help,status)
+                cmd="dbx__subcmd__help__subcmd__status"
+                ;;
+            dbx__subcmd__help,sync)
+                cmd="dbx__subcmd__help__subcmd__sync"
+                ;;
             dbx__subcmd__help__subcmd__admin,user)
                 cmd="dbx__subcmd__help__subcmd__admin__subcmd__user"
                 ;;
@@ -164,7 +176,7 @@ _dbx() {
 
     case "${cmd}" in
         dbx)
-            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull ls completions help"
+            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -600,7 +612,7 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__help)
-            opts="serve admin login logout init push pull ls completions help"
+            opts="serve admin login logout init push pull sync status ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -837,6 +849,34 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dbx__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__help__subcmd__sync)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dbx__subcmd__init)
             opts="-u -q -v -h -V --remote --server --user --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -950,12 +990,16 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__pull)
-            opts="-n -q -v -C -h -V --dry-run --json --quiet --verbose --dir --help --version"
+            opts="-n -q -v -C -h -V --dry-run --max-delete --json --quiet --verbose --dir --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --max-delete)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -972,12 +1016,16 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__push)
-            opts="-n -q -v -C -h -V --dry-run --json --quiet --verbose --dir --help --version"
+            opts="-n -q -v -C -h -V --dry-run --max-delete --json --quiet --verbose --dir --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --max-delete)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1005,6 +1053,54 @@ _dbx() {
                     return 0
                     ;;
                 --data)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__status)
+            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__sync)
+            opts="-n -q -v -C -h -V --dry-run --max-delete --json --quiet --verbose --dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --max-delete)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

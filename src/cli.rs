@@ -70,6 +70,10 @@ pub enum Command {
     Push(TransferArgs),
     /// Bring server changes into the local folder
     Pull(TransferArgs),
+    /// Sync both ways: local changes up, server changes down; conflicts become conflicted copies
+    Sync(TransferArgs),
+    /// Show what `dbx sync` would do, changing nothing
+    Status,
     /// List files on the server
     Ls(LsArgs),
     /// Print a shell completion script (e.g. `dbx completions bash > /etc/bash_completion.d/dbx`)
@@ -170,6 +174,10 @@ pub struct TransferArgs {
     /// Show what would change, change nothing
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Stop before deleting more than N files (default: stop before deleting more than 100
+    /// files that are also more than half of the folder)
+    #[arg(long, value_name = "N")]
+    pub max_delete: Option<usize>,
 }
 
 #[derive(Debug, Args)]

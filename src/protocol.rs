@@ -29,6 +29,7 @@ pub mod routes {
     pub const FILES_COMMIT: &str = "/files/commit";
     pub const FILES_MKDIR: &str = "/files/mkdir";
     pub const FILES_DELETE: &str = "/files/delete";
+    pub const FILES_MOVE: &str = "/files/move";
     pub const FILES_LIST: &str = "/files/list";
     pub const FILES_META: &str = "/files/meta";
     pub const JOURNAL: &str = "/journal";
@@ -178,6 +179,16 @@ pub struct MkdirRequest {
 pub struct DeleteRequest {
     pub path: String,
     /// When set, the delete is refused (409) unless the path is still at this revision.
+    #[serde(default)]
+    pub parent_rev: Option<i64>,
+}
+
+/// Moves (renames) a file, or a folder with everything below it. No block moves.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MoveRequest {
+    pub from: String,
+    pub to: String,
+    /// When set, the move is refused (409) unless `from` is still at this revision.
     #[serde(default)]
     pub parent_rev: Option<i64>,
 }

@@ -15,6 +15,7 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Command, GlobalArgs};
 use crate::engine::config::{ConfigDir, Folder};
+use crate::engine::planner::Direction;
 use crate::engine::remote::Remote;
 use crate::exit;
 use crate::output::Printer;
@@ -45,11 +46,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Login(a) => login::login(a, printer).await,
         Command::Logout(a) => login::logout(a, printer).await,
         Command::Init(a) => init::run(a, &g, printer).await,
-        Command::Push(a) => {
-            transfer::run(a, &g, printer, crate::engine::planner::Direction::Push).await
-        }
-        Command::Pull(a) => {
-            transfer::run(a, &g, printer, crate::engine::planner::Direction::Pull).await
+        Command::Push(a) => transfer::run(a, &g, printer, Direction::Push).await,
+        Command::Pull(a) => transfer::run(a, &g, printer, Direction::Pull).await,
+        Command::Sync(a) => transfer::run(a, &g, printer, Direction::Both).await,
+        Command::Status => {
+            let args = crate::cli::TransferArgs {
+                dry_run: true,
+                max_delete: None,
+            };
+            transfer::run(args, &g, printer, Direction::Both).await
         }
         Command::Ls(a) => ls::run(a, &g, printer).await,
         Command::Completions { shell } => {

@@ -1,4 +1,4 @@
-//! `dbx push` and `dbx pull`: one direction of the sync engine.
+//! `dbx push`, `dbx pull`, `dbx sync` and `dbx status`: the sync engine one way or both.
 
 use std::sync::Arc;
 
@@ -7,9 +7,13 @@ use anyhow::Result;
 use super::open_folder;
 use crate::cli::{GlobalArgs, TransferArgs};
 use crate::engine::planner::Direction;
-use crate::engine::sync::{self, SyncOptions};
+use crate::engine::sync::{self, Report, SyncOptions};
 use crate::exit;
 use crate::output::{human_bytes, Printer};
+
+/// Passes a two-way sync makes at most when something changed under it (a commit refused
+/// because another device committed first, a file edited during the run).
+const MAX_PASSES: usize = 3;
 
 pub async fn run(
     args: TransferArgs,
@@ -19,16 +23,33 @@ pub async fn run(
 ) -> Result<u8> {
     let (folder, remote) = open_folder(g)?;
     let progress: Arc<dyn crate::engine::Progress> = Arc::from(printer.progress());
-    let report = sync::run(
-        &folder,
-        &remote,
-        &SyncOptions {
-            direction,
-            dry_run: args.dry_run,
-        },
-        progress,
-    )
-    .await?;
+    let opts = SyncOptions {
+        direction,
+        dry_run: args.dry_run,
+        max_delete: args.max_delete,
+    };
+    let mut report = sync::run(&folder, &remote, &opts, progress.clone()).await?;
+    let mut passes = 1;
+    while report.retry && !opts.dry_run && direction == Direction::Both && passes < MAX_PASSES {
+        let later = sync::run(&folder, &remote, &opts, progress.clone()).await?;
+        report.absorb(later);
+        passes += 1;
+    }
+    print_report(&report, printer, direction);
+    if report.has_problems() {
+        if !printer.quiet {
+            eprintln!(
+                "dbx: {} conflict(s) left untouched; nothing was overwritten. `dbx sync` keeps both \
+                 versions (yours as a conflicted copy)",
+                report.conflicts.len()
+            );
+        }
+        return Ok(exit::ERROR);
+    }
+    Ok(exit::OK)
+}
+
+fn print_report(report: &Report, printer: Printer, direction: Direction) {
     for w in &report.warnings {
         printer.warn(w);
     }
@@ -37,47 +58,51 @@ pub async fn run(
             eprintln!("conflict: {}: {}", c.path, c.reason);
         }
     }
+    for c in &report.conflict_copies {
+        printer.warn(format!(
+            "{} changed on both sides: the server's version kept the name, yours is now {}",
+            c.path, c.copy
+        ));
+    }
+    let describe = |a: &sync::PlannedAction| match (&a.from, &a.copy) {
+        (Some(from), _) => format!("{:<14} {} -> {}", a.action, from, a.path),
+        (_, Some(copy)) => format!("{:<14} {} -> {}", a.action, a.path, copy),
+        _ => format!("{:<14} {}", a.action, a.path),
+    };
     if report.dry_run {
-        for a in &report.plan {
-            printer.line(format!("{:<14} {}", a.action, a.path));
+        for a in report.plan.iter().filter(|a| a.action != "record") {
+            printer.line(describe(a));
         }
-        if report.plan.is_empty() {
-            printer.line("Nothing to do.");
+        if report.plan.iter().all(|a| a.action == "record") {
+            printer.line("Up to date.");
         }
     } else {
         for a in &report.plan {
-            printer.detail(format!("{:<14} {}", a.action, a.path));
+            printer.detail(describe(a));
         }
-        let line = match direction {
-            Direction::Push => format!(
-                "Pushed: {} uploaded, {} deleted, {} folders created; sent {} in {} blocks ({} deduplicated)",
-                report.files_uploaded,
-                report.files_deleted,
-                report.folders_created,
-                human_bytes(report.block_bytes_sent),
-                report.blocks_uploaded,
-                human_bytes(report.bytes_deduplicated),
-            ),
-            Direction::Pull => format!(
-                "Pulled: {} downloaded, {} deleted, {} folders created; received {} in {} blocks",
-                report.files_downloaded,
-                report.files_deleted,
-                report.folders_created,
-                human_bytes(report.block_bytes_received),
-                report.blocks_downloaded,
-            ),
-        };
-        printer.line(line);
+        let up = format!(
+            "{} uploaded, sent {} in {} blocks ({} deduplicated)",
+            report.files_uploaded,
+            human_bytes(report.block_bytes_sent),
+            report.blocks_uploaded,
+            human_bytes(report.bytes_deduplicated),
+        );
+        let down = format!(
+            "{} downloaded, received {} in {} blocks ({} reused from local files)",
+            report.files_downloaded,
+            human_bytes(report.block_bytes_received),
+            report.blocks_downloaded,
+            human_bytes(report.bytes_reused),
+        );
+        let common = format!(
+            "{} moved, {} deleted, {} folders created",
+            report.files_moved, report.files_deleted, report.folders_created
+        );
+        printer.line(match direction {
+            Direction::Push => format!("Pushed: {up}; {common}"),
+            Direction::Pull => format!("Pulled: {down}; {common}"),
+            Direction::Both => format!("Synced: {up}; {down}; {common}"),
+        });
     }
-    printer.json(&report);
-    if report.has_problems() {
-        if !printer.quiet {
-            eprintln!(
-                "dbx: {} conflict(s) left untouched; nothing was overwritten",
-                report.conflicts.len()
-            );
-        }
-        return Ok(exit::ERROR);
-    }
-    Ok(exit::OK)
+    printer.json(report);
 }

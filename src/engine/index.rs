@@ -10,13 +10,20 @@ use std::path::Path;
 
 use sqlx::{Row, SqlitePool};
 
-use crate::protocol::EntryKind;
+use crate::protocol::{Entry, EntryKind};
 
-const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[(
-    1,
-    "index",
-    include_str!("../../migrations/client/0001_index.sql"),
-)];
+const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
+    (
+        1,
+        "index",
+        include_str!("../../migrations/client/0001_index.sql"),
+    ),
+    (
+        2,
+        "remote",
+        include_str!("../../migrations/client/0002_remote.sql"),
+    ),
+];
 
 /// Index writes are grouped into transactions of this many rows.
 const WRITE_BATCH: usize = 512;
@@ -31,6 +38,8 @@ pub struct SyncedEntry {
     pub executable: bool,
     pub content_hash: Option<String>,
     pub blocks: Vec<String>,
+    /// The length of each block, when known (empty otherwise).
+    pub block_lens: Vec<u32>,
     pub rev: i64,
 }
 
@@ -41,6 +50,23 @@ pub type SyncedTree = BTreeMap<String, SyncedEntry>;
 pub enum IndexOp {
     Put(String, SyncedEntry),
     Remove(String),
+}
+
+/// One change to the stored remote tree.
+#[derive(Clone, Debug)]
+pub enum RemoteOp {
+    /// Forget the whole stored remote tree of the namespace (before a full listing).
+    Clear,
+    Put(String, Entry),
+    Remove(String),
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        s.split(',').map(str::to_string).collect()
+    }
 }
 
 pub struct Index {
@@ -80,11 +106,11 @@ impl Index {
                     inode: r.try_get::<i64, _>("inode")? as u64,
                     executable: r.try_get::<i64, _>("executable")? != 0,
                     content_hash: r.try_get("content_hash")?,
-                    blocks: if blocks.is_empty() {
-                        Vec::new()
-                    } else {
-                        blocks.split(',').map(str::to_string).collect()
-                    },
+                    blocks: split_list(&blocks),
+                    block_lens: split_list(r.try_get("block_lens")?)
+                        .iter()
+                        .filter_map(|l| l.parse().ok())
+                        .collect(),
                     rev: r.try_get("rev")?,
                 },
             );
@@ -101,8 +127,8 @@ impl Index {
                     IndexOp::Put(path, e) => {
                         sqlx::query(
                             "INSERT OR REPLACE INTO entries (path, ns, kind, size, mtime_ns, inode,
-                               executable, content_hash, blocks, rev)
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               executable, content_hash, blocks, block_lens, rev)
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         )
                         .bind(path)
                         .bind(e.ns)
@@ -113,6 +139,13 @@ impl Index {
                         .bind(e.executable as i64)
                         .bind(&e.content_hash)
                         .bind(e.blocks.join(","))
+                        .bind(
+                            e.block_lens
+                                .iter()
+                                .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        )
                         .bind(e.rev)
                         .execute(&mut *tx)
                         .await?;
@@ -140,19 +173,93 @@ impl Index {
             .transpose()
     }
 
-    pub async fn set_cursor(&self, ns: i64, cursor: i64, epoch: &str) -> Result<(), sqlx::Error> {
+    /// The stored remote tree of `ns`, keyed by path relative to the folder.
+    pub async fn load_remote(&self, ns: i64) -> Result<BTreeMap<String, Entry>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM remote_entries WHERE ns = ?")
+            .bind(ns)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut tree = BTreeMap::new();
+        for r in rows {
+            let kind: String = r.try_get("kind")?;
+            let path: String = r.try_get("path")?;
+            let entry = Entry {
+                path: path.clone(),
+                kind: EntryKind::parse(&kind).ok_or_else(|| {
+                    sqlx::Error::Decode(format!("bad kind {kind:?} in the index").into())
+                })?,
+                rev: r.try_get("rev")?,
+                size: r.try_get::<i64, _>("size")? as u64,
+                content_hash: r.try_get("content_hash")?,
+                mtime: r.try_get("mtime")?,
+                executable: r.try_get::<i64, _>("executable")? != 0,
+                blocks: split_list(r.try_get("blocks")?),
+            };
+            tree.insert(path, entry);
+        }
+        Ok(tree)
+    }
+
+    /// Applies changes to the stored remote tree and records the cursor they bring it to, in
+    /// one transaction: the stored tree and its cursor always agree.
+    pub async fn save_remote(
+        &self,
+        ns: i64,
+        ops: &[RemoteOp],
+        cursor: i64,
+        epoch: &str,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for op in ops {
+            match op {
+                RemoteOp::Clear => {
+                    sqlx::query("DELETE FROM remote_entries WHERE ns = ?")
+                        .bind(ns)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                RemoteOp::Remove(path) => {
+                    sqlx::query("DELETE FROM remote_entries WHERE ns = ? AND path = ?")
+                        .bind(ns)
+                        .bind(path)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                RemoteOp::Put(path, e) => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO remote_entries (ns, path, kind, rev, size,
+                           content_hash, blocks, mtime, executable)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(ns)
+                    .bind(path)
+                    .bind(e.kind.as_str())
+                    .bind(e.rev)
+                    .bind(e.size as i64)
+                    .bind(&e.content_hash)
+                    .bind(e.blocks.join(","))
+                    .bind(e.mtime)
+                    .bind(e.executable as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
         sqlx::query("INSERT OR REPLACE INTO cursors (ns, cursor, epoch) VALUES (?, ?, ?)")
             .bind(ns)
             .bind(cursor)
             .bind(epoch)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await
     }
 
     /// Forgets every entry (the server's metadata was replaced: its revisions mean nothing now).
     pub async fn clear(&self) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM entries")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM remote_entries")
             .execute(&self.pool)
             .await?;
         sqlx::query("DELETE FROM cursors")
@@ -185,6 +292,7 @@ mod tests {
             executable: true,
             content_hash: Some("ab".into()),
             blocks: vec!["x".into(), "y".into()],
+            block_lens: vec![1, 2],
             rev: 7,
         };
         idx.apply(&[
@@ -198,7 +306,7 @@ mod tests {
         assert_eq!(tree.len(), 1);
         assert_eq!(tree["a/b"], e);
         assert_eq!(idx.cursor(1).await.unwrap(), None);
-        idx.set_cursor(1, 9, "ep").await.unwrap();
+        idx.save_remote(1, &[], 9, "ep").await.unwrap();
         assert_eq!(idx.cursor(1).await.unwrap(), Some((9, "ep".to_string())));
     }
 }

@@ -47,6 +47,12 @@ pub enum EngineError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "this would delete {count} of the {total} synced files, so nothing was deleted. If the \
+         folder is what you expect (not an unmounted disk or a wrong directory), run again with \
+         --max-delete {count}"
+    )]
+    TooManyDeletes { count: usize, total: usize },
     #[error("the server's chunk parameters are not usable: {0:?}")]
     BadChunkParams(crate::protocol::ChunkParams),
 }

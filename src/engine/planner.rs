@@ -1,17 +1,26 @@
 //! The planner: a pure function of three trees (local, last synced, remote) and a direction,
-//! yielding the actions that bring one side up to date. No I/O; output order is deterministic:
-//! deletes (deepest first), then folder creations (shallowest first), then transfers and index
-//! updates in path order.
+//! yielding the actions that bring the sides together. No I/O; output order is deterministic:
+//! moves, then deletes (deepest first), folder creations (shallowest first), conflict copies,
+//! then transfers and index updates, each group in path order.
 //!
 //! Rules that always hold:
-//! - nothing is ever deleted unless it is unchanged since the last sync (a delete never destroys
-//!   an edit: edit beats delete, the file comes back);
-//! - a folder is deleted only when nothing inside it survives;
-//! - nothing is overwritten that changed on the side being written: that is a conflict, left
-//!   untouched and reported (two-way conflict resolution builds on this);
-//! - identical content on both sides is never a conflict and never a transfer.
+//! - nothing is deleted unless it is unchanged since the last sync: an edit beats a delete, the
+//!   edited file comes back;
+//! - a folder is deleted only when nothing inside it survives (unsynced files inside a folder
+//!   deleted elsewhere survive, and so does the folder);
+//! - identical content on both sides is never a conflict and never a transfer;
+//! - two-way (`Both`): when both sides changed a file differently, the server's version keeps
+//!   the name and the local bytes are kept as `name (HOST's conflicted copy YYYY-MM-DD).ext`,
+//!   which is then synced like any file. Nothing anybody wrote is lost;
+//! - one-way (`Push`, `Pull`): such a file is left untouched on both sides and reported;
+//! - a file that disappeared on one side while a file with the same content appeared there
+//!   (matched one to one) is a move: renamed on the other side, no bytes transferred. A folder
+//!   moved locally with its contents becomes one server move.
+//!
+//! Names are compared as exact bytes: `a` and `A`, or an NFC and an NFD spelling of `é`, are
+//! different names, as they are on Linux filesystems; a case-only rename is an ordinary move.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::index::{SyncedEntry, SyncedTree};
 use crate::protocol::{Entry, EntryKind};
@@ -34,10 +43,23 @@ pub enum Direction {
     Push,
     /// Server changes come to the local folder.
     Pull,
+    /// Both ways, resolving conflicts with conflicted copies.
+    Both,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
+    /// Rename on the server (a folder with everything below it), if `from` is still at `rev`.
+    MoveRemote {
+        from: String,
+        to: String,
+        rev: i64,
+    },
+    /// Rename locally.
+    MoveLocal {
+        from: String,
+        to: String,
+    },
     /// Delete on the server (a folder with everything below it), if still at `rev`.
     DeleteRemote {
         path: String,
@@ -53,6 +75,12 @@ pub enum Action {
     },
     MkdirLocal {
         path: String,
+    },
+    /// Keep the local bytes of `path` as `copy` (renamed locally, then uploaded as a new file);
+    /// the server's version of `path` is downloaded by a separate `Download`.
+    ConflictCopy {
+        path: String,
+        copy: String,
     },
     /// Upload a local file; `parent_rev` is the server revision it replaces.
     Upload {
@@ -70,7 +98,7 @@ pub enum Action {
     Forget {
         path: String,
     },
-    /// Both sides changed differently: leave both alone and report.
+    /// One-way only: both sides changed differently; left alone and reported.
     Conflict {
         path: String,
         reason: String,
@@ -78,12 +106,15 @@ pub enum Action {
 }
 
 impl Action {
+    /// The path the action is about (for a move: the destination).
     pub fn path(&self) -> &str {
         match self {
+            Action::MoveRemote { to, .. } | Action::MoveLocal { to, .. } => to,
             Action::DeleteRemote { path, .. }
             | Action::DeleteLocal { path, .. }
             | Action::MkdirRemote { path }
             | Action::MkdirLocal { path }
+            | Action::ConflictCopy { path, .. }
             | Action::Upload { path, .. }
             | Action::Download { path }
             | Action::Record { path }
@@ -94,9 +125,11 @@ impl Action {
 
     fn phase(&self) -> u8 {
         match self {
-            Action::DeleteRemote { .. } | Action::DeleteLocal { .. } => 0,
-            Action::MkdirRemote { .. } | Action::MkdirLocal { .. } => 1,
-            _ => 2,
+            Action::MoveRemote { .. } | Action::MoveLocal { .. } => 0,
+            Action::DeleteRemote { .. } | Action::DeleteLocal { .. } => 1,
+            Action::MkdirRemote { .. } | Action::MkdirLocal { .. } => 2,
+            Action::ConflictCopy { .. } => 3,
+            _ => 4,
         }
     }
 }
@@ -106,16 +139,46 @@ pub struct Plan {
     pub actions: Vec<Action>,
 }
 
-#[derive(Clone, Copy, Debug)]
+impl Plan {
+    /// How many files the plan deletes, locally or on the server (a server folder delete counts
+    /// every file below it in `remote`).
+    pub fn files_deleted(&self, remote: &RemoteTree) -> usize {
+        self.actions
+            .iter()
+            .map(|a| match a {
+                Action::DeleteLocal {
+                    kind: EntryKind::File,
+                    ..
+                } => 1,
+                Action::DeleteRemote { path, .. } => match remote.get(path) {
+                    Some(e) if e.kind == EntryKind::Dir => {
+                        let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+                        remote
+                            .range(lo..hi)
+                            .filter(|(_, e)| e.kind == EntryKind::File)
+                            .count()
+                    }
+                    _ => 1,
+                },
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+#[derive(Clone, Debug)]
 pub struct Options {
     /// False when the local scan was incomplete: then nothing is deleted on the server.
     pub allow_remote_delete: bool,
+    /// What conflicted copies are called: `HOST's conflicted copy YYYY-MM-DD`.
+    pub conflict_label: String,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             allow_remote_delete: true,
+            conflict_label: "conflicted copy".into(),
         }
     }
 }
@@ -143,137 +206,334 @@ fn depth(path: &str) -> usize {
     path.matches('/').count()
 }
 
-/// Whether every entry strictly below `dir` in `tree` is in `doomed`.
-fn all_below_doomed<V>(tree: &BTreeMap<String, V>, dir: &str, doomed: &BTreeSet<String>) -> bool {
-    let lo = format!("{dir}/");
-    let hi = format!("{dir}0");
-    tree.range(lo..hi).all(|(p, _)| doomed.contains(p))
+fn subtree<'a, V>(
+    tree: &'a BTreeMap<String, V>,
+    dir: &str,
+) -> impl Iterator<Item = (&'a String, &'a V)> {
+    tree.range(format!("{dir}/")..format!("{dir}0"))
 }
 
-/// Plans one direction of a sync. See the module docs for the rules.
+/// `name (LABEL).ext`, or with ` 2`, ` 3`… added inside the parentheses until `taken` says no.
+pub fn conflict_name(path: &str, label: &str, taken: impl Fn(&str) -> bool) -> String {
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, path),
+    };
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s, Some(e)),
+        _ => (name, None),
+    };
+    for i in 1.. {
+        let tag = if i == 1 {
+            label.to_string()
+        } else {
+            format!("{label} {i}")
+        };
+        let file = match ext {
+            Some(e) => format!("{stem} ({tag}).{e}"),
+            None => format!("{stem} ({tag})"),
+        };
+        let candidate = match dir {
+            Some(d) => format!("{d}/{file}"),
+            None => file,
+        };
+        if !taken(&candidate) {
+            return candidate;
+        }
+    }
+    unreachable!("an unbounded loop returns")
+}
+
+/// One-to-one pairs of (gone, appeared) paths by content hash; ambiguous hashes pair nothing.
+fn pair_by_hash(gone: Vec<(String, String)>, new: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut g: HashMap<String, Vec<String>> = HashMap::new();
+    for (h, p) in gone {
+        g.entry(h).or_default().push(p);
+    }
+    let mut n: HashMap<String, Vec<String>> = HashMap::new();
+    for (h, p) in new {
+        n.entry(h).or_default().push(p);
+    }
+    let mut pairs: Vec<(String, String)> = g
+        .into_iter()
+        .filter_map(
+            |(h, mut from)| match (from.len(), n.get(&h).map(Vec::len)) {
+                (1, Some(1)) => Some((from.pop()?, n[&h][0].clone())),
+                _ => None,
+            },
+        )
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// Moves: files that vanished on one side while the same content appeared on that side.
+fn detect_moves(
+    local: &LocalStates,
+    synced: &SyncedTree,
+    remote: &RemoteTree,
+    direction: Direction,
+    handled: &mut BTreeSet<String>,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let file_hash = |kind: EntryKind, h: &Option<String>| match (kind, h) {
+        (EntryKind::File, Some(h)) => Some(h.clone()),
+        _ => None,
+    };
+    if direction != Direction::Pull {
+        // Gone locally but unchanged on the server; appeared locally and new to the server.
+        let gone: Vec<_> = synced
+            .iter()
+            .filter(|(p, s)| {
+                !local.contains_key(*p) && remote.get(*p).is_some_and(|r| remote_unchanged(r, s))
+            })
+            .filter_map(|(p, s)| Some((file_hash(s.kind, &s.content_hash)?, p.clone())))
+            .collect();
+        let new: Vec<_> = local
+            .iter()
+            .filter(|(p, _)| !synced.contains_key(*p) && !remote.contains_key(*p))
+            .filter_map(|(p, l)| Some((file_hash(l.kind, &l.content_hash)?, p.clone())))
+            .collect();
+        let pairs = pair_by_hash(gone, new);
+        let mut file_moves: BTreeMap<String, String> = pairs.into_iter().collect();
+        // A folder that vanished whose every file moved under one new folder, with the same
+        // relative names, is one folder move.
+        let gone_dirs: Vec<String> = synced
+            .iter()
+            .filter(|(p, s)| {
+                s.kind == EntryKind::Dir
+                    && !local.contains_key(*p)
+                    && remote.get(*p).is_some_and(|r| r.kind == EntryKind::Dir)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for d in gone_dirs {
+            if handled.iter().any(|h| d.starts_with(&format!("{h}/"))) {
+                continue;
+            }
+            let mut target: Option<String> = None;
+            let ok = subtree(synced, &d).all(|(p, s)| {
+                let rel = &p[d.len()..];
+                match s.kind {
+                    EntryKind::File => match file_moves.get(p) {
+                        Some(to) if to.ends_with(rel) => {
+                            let base = &to[..to.len() - rel.len()];
+                            match &target {
+                                None => {
+                                    target = Some(base.to_string());
+                                    true
+                                }
+                                Some(t) => t == base,
+                            }
+                        }
+                        _ => false,
+                    },
+                    EntryKind::Dir => true,
+                }
+            });
+            let Some(to) = target else { continue };
+            let remote_all_synced = subtree(remote, &d)
+                .all(|(p, r)| synced.get(p).is_some_and(|s| remote_unchanged(r, s)));
+            let dirs_there = subtree(synced, &d).all(|(p, s)| {
+                s.kind == EntryKind::File
+                    || local
+                        .get(&format!("{to}{}", &p[d.len()..]))
+                        .is_some_and(|l| l.kind == EntryKind::Dir)
+            });
+            let fresh_target = local.get(&to).is_some_and(|l| l.kind == EntryKind::Dir)
+                && !synced.contains_key(&to)
+                && !remote.contains_key(&to);
+            if ok && remote_all_synced && dirs_there && fresh_target {
+                let rev = remote[&d].rev;
+                handled.insert(d.clone());
+                handled.insert(to.clone());
+                for (p, _) in subtree(synced, &d) {
+                    handled.insert(p.clone());
+                    handled.insert(format!("{to}{}", &p[d.len()..]));
+                    file_moves.remove(p);
+                }
+                actions.push(Action::MoveRemote { from: d, to, rev });
+            }
+        }
+        for (from, to) in file_moves {
+            let rev = remote[&from].rev;
+            handled.insert(from.clone());
+            handled.insert(to.clone());
+            actions.push(Action::MoveRemote { from, to, rev });
+        }
+    }
+    if direction != Direction::Push {
+        // Gone on the server but unchanged locally; appeared on the server and new here.
+        let gone: Vec<_> = synced
+            .iter()
+            .filter(|(p, s)| {
+                !handled.contains(*p)
+                    && !remote.contains_key(*p)
+                    && local.get(*p).is_some_and(|l| same_local_synced(l, s))
+            })
+            .filter_map(|(p, s)| Some((file_hash(s.kind, &s.content_hash)?, p.clone())))
+            .collect();
+        let new: Vec<_> = remote
+            .iter()
+            .filter(|(p, _)| {
+                !handled.contains(*p) && !synced.contains_key(*p) && !local.contains_key(*p)
+            })
+            .filter_map(|(p, r)| Some((file_hash(r.kind, &r.content_hash)?, p.clone())))
+            .collect();
+        for (from, to) in pair_by_hash(gone, new) {
+            // The moved file keeps its executable bit; only move when it matches the remote's.
+            if local[&from].executable != remote[&to].executable {
+                continue;
+            }
+            handled.insert(from.clone());
+            handled.insert(to.clone());
+            actions.push(Action::MoveLocal { from, to });
+        }
+    }
+    actions
+}
+
+/// Plans one run. See the module docs for the rules.
 pub fn plan(
     local: &LocalStates,
     synced: &SyncedTree,
     remote: &RemoteTree,
     direction: Direction,
-    opts: Options,
+    opts: &Options,
 ) -> Plan {
+    let mut handled = BTreeSet::new();
+    let mut actions = detect_moves(local, synced, remote, direction, &mut handled);
+    let mut copies: BTreeSet<String> = BTreeSet::new();
     let paths: BTreeSet<&String> = local
         .keys()
         .chain(synced.keys())
         .chain(remote.keys())
+        .filter(|p| !handled.contains(*p))
         .collect();
-    let mut actions = Vec::new();
     for path in paths {
         let l = local.get(path);
         let s = synced.get(path);
         let r = remote.get(path);
         let p = path.clone();
-        let conflict = |reason: &str| Action::Conflict {
+        let one_way_conflict = |reason: &str| Action::Conflict {
             path: path.clone(),
             reason: reason.to_string(),
         };
-        match direction {
-            Direction::Push => match (l, s, r) {
-                (Some(l), None, None) => actions.push(create_remote(p, l, None)),
-                (Some(l), None, Some(r)) => {
-                    if same_local_remote(l, r) {
-                        actions.push(Action::Record { path: p });
+        // Two-way: the server's version keeps the name, the local bytes become a copy.
+        let mut conflict_copy = |actions: &mut Vec<Action>, r: &Entry| {
+            let copy = conflict_name(path, &opts.conflict_label, |c| {
+                local.contains_key(c)
+                    || synced.contains_key(c)
+                    || remote.contains_key(c)
+                    || copies.contains(c)
+            });
+            copies.insert(copy.clone());
+            actions.push(Action::ConflictCopy {
+                path: path.clone(),
+                copy,
+            });
+            actions.push(create_local(path.clone(), r));
+        };
+        let push = direction != Direction::Pull;
+        let pull = direction != Direction::Push;
+        match (l, s, r) {
+            (None, None, _) if !pull => {}
+            (_, None, None) if !push => {}
+            (None, None, None) => {}
+            (Some(l), None, None) => actions.push(create_remote(p, l, None)),
+            (None, None, Some(r)) => actions.push(create_local(p, r)),
+            (Some(l), None, Some(r)) => {
+                if same_local_remote(l, r) {
+                    actions.push(Action::Record { path: p });
+                } else if direction == Direction::Both && l.kind == EntryKind::File {
+                    conflict_copy(&mut actions, r);
+                } else {
+                    actions.push(one_way_conflict(if direction == Direction::Pull {
+                        "a different local file is in the way"
                     } else {
-                        actions.push(conflict("exists on the server with other content"));
-                    }
+                        "exists on the server with other content"
+                    }));
                 }
-                (Some(l), Some(s), None) => {
-                    // Deleted on the server: an unchanged copy stays for `pull` to remove; an
-                    // edited one wins over the delete and goes back up.
-                    if !same_local_synced(l, s) {
-                        actions.push(create_remote(p, l, None));
-                    }
-                }
-                (Some(l), Some(s), Some(r)) => {
-                    if same_local_synced(l, s) {
-                        continue;
-                    }
-                    if same_local_remote(l, r) {
-                        actions.push(Action::Record { path: p });
-                    } else if !remote_unchanged(r, s) {
-                        actions.push(conflict("changed both locally and on the server"));
-                    } else if l.kind != r.kind {
-                        actions.push(Action::DeleteRemote {
-                            path: p.clone(),
-                            rev: r.rev,
-                        });
-                        actions.push(create_remote(p, l, None));
-                    } else if l.kind == EntryKind::File {
-                        actions.push(Action::Upload {
-                            path: p,
-                            parent_rev: Some(r.rev),
-                        });
-                    }
-                }
-                (None, Some(s), Some(r)) => {
-                    if remote_unchanged(r, s) && opts.allow_remote_delete {
-                        actions.push(Action::DeleteRemote {
-                            path: p,
-                            rev: r.rev,
-                        });
-                    }
-                }
-                (None, Some(_), None) => actions.push(Action::Forget { path: p }),
-                (None, None, _) => {}
-            },
-            Direction::Pull => match (r, s, l) {
-                (Some(r), None, None) => actions.push(create_local(p, r)),
-                (Some(r), None, Some(l)) => {
-                    if same_local_remote(l, r) {
-                        actions.push(Action::Record { path: p });
-                    } else {
-                        actions.push(conflict("a different local file is in the way"));
-                    }
-                }
-                (Some(r), Some(s), None) => {
-                    if !remote_unchanged(r, s) {
-                        actions.push(create_local(p, r));
-                    }
-                }
-                (Some(r), Some(s), Some(l)) => {
-                    if remote_unchanged(r, s) {
-                        continue;
-                    }
-                    if same_local_remote(l, r) {
-                        actions.push(Action::Record { path: p });
-                    } else if !same_local_synced(l, s) {
-                        actions.push(conflict("changed both locally and on the server"));
-                    } else if l.kind != r.kind {
-                        actions.push(Action::DeleteLocal {
-                            path: p.clone(),
-                            kind: l.kind,
-                        });
-                        actions.push(create_local(p, r));
-                    } else if r.kind == EntryKind::File {
-                        actions.push(Action::Download { path: p });
-                    }
-                }
-                (None, Some(s), Some(l)) => {
-                    if same_local_synced(l, s) {
+            }
+            (Some(l), Some(s), None) => {
+                // Deleted on the server: an unchanged copy goes too; an edited one wins over
+                // the delete and goes back up.
+                if same_local_synced(l, s) {
+                    if pull {
                         actions.push(Action::DeleteLocal {
                             path: p,
                             kind: l.kind,
                         });
                     }
+                } else if push {
+                    actions.push(create_remote(p, l, None));
                 }
-                (None, Some(_), None) => actions.push(Action::Forget { path: p }),
-                (None, None, _) => {}
-            },
+            }
+            (None, Some(s), Some(r)) => {
+                if remote_unchanged(r, s) {
+                    if push && opts.allow_remote_delete {
+                        actions.push(Action::DeleteRemote {
+                            path: p,
+                            rev: r.rev,
+                        });
+                    }
+                } else if pull {
+                    actions.push(create_local(p, r));
+                }
+            }
+            (None, Some(_), None) => actions.push(Action::Forget { path: p }),
+            (Some(l), Some(s), Some(r)) => {
+                let local_changed = !same_local_synced(l, s);
+                let remote_changed = !remote_unchanged(r, s);
+                match (local_changed, remote_changed) {
+                    (false, false) => {}
+                    (true, false) if push => {
+                        if l.kind != r.kind {
+                            actions.push(Action::DeleteRemote {
+                                path: p.clone(),
+                                rev: r.rev,
+                            });
+                            actions.push(create_remote(p, l, None));
+                        } else if l.kind == EntryKind::File {
+                            actions.push(Action::Upload {
+                                path: p,
+                                parent_rev: Some(r.rev),
+                            });
+                        }
+                    }
+                    (false, true) if pull => {
+                        if l.kind != r.kind {
+                            actions.push(Action::DeleteLocal {
+                                path: p.clone(),
+                                kind: l.kind,
+                            });
+                            actions.push(create_local(p, r));
+                        } else if r.kind == EntryKind::File {
+                            actions.push(Action::Download { path: p });
+                        }
+                    }
+                    (true, true) => {
+                        if same_local_remote(l, r) {
+                            actions.push(Action::Record { path: p });
+                        } else if direction == Direction::Both && l.kind == EntryKind::File {
+                            conflict_copy(&mut actions, r);
+                        } else {
+                            actions
+                                .push(one_way_conflict("changed both locally and on the server"));
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
     }
-    prune_folder_deletes(&mut actions, local, remote, direction);
+    prune_folder_deletes(&mut actions, local, remote);
     actions.sort_by(|a, b| {
         let key = |x: &Action| {
             let d = depth(x.path());
             let d = match x.phase() {
-                0 => usize::MAX - d,
-                1 => d,
+                1 => usize::MAX - d,
+                2 => d,
                 _ => 0,
             };
             (x.phase(), d)
@@ -300,44 +560,49 @@ fn create_local(path: String, r: &Entry) -> Action {
     }
 }
 
-/// A folder is deleted only when everything below it on that side is being deleted too; then
-/// the deletes below it are folded into the folder's (one request for a whole subtree).
-fn prune_folder_deletes(
-    actions: &mut Vec<Action>,
-    local: &LocalStates,
-    remote: &RemoteTree,
-    direction: Direction,
-) {
-    let doomed: BTreeSet<String> = actions
+/// A folder is deleted only when everything below it on that side goes too (deleted or moved
+/// away); then a server folder delete covers what is below it (one request for a subtree).
+fn prune_folder_deletes(actions: &mut Vec<Action>, local: &LocalStates, remote: &RemoteTree) {
+    let mut gone_remote = BTreeSet::new();
+    let mut gone_local = BTreeSet::new();
+    for a in actions.iter() {
+        match a {
+            Action::DeleteRemote { path, .. } => {
+                gone_remote.insert(path.clone());
+            }
+            Action::MoveRemote { from, .. } => {
+                gone_remote.insert(from.clone());
+                for (p, _) in subtree(remote, from) {
+                    gone_remote.insert(p.clone());
+                }
+            }
+            Action::DeleteLocal { path, .. } => {
+                gone_local.insert(path.clone());
+            }
+            Action::MoveLocal { from, .. } => {
+                gone_local.insert(from.clone());
+            }
+            _ => {}
+        }
+    }
+    let remote_dir = |p: &str| remote.get(p).is_some_and(|e| e.kind == EntryKind::Dir);
+    let kept_remote: BTreeSet<String> = gone_remote
         .iter()
-        .filter(|a| matches!(a, Action::DeleteRemote { .. } | Action::DeleteLocal { .. }))
-        .map(|a| a.path().to_string())
+        .filter(|p| remote_dir(p) && subtree(remote, p).all(|(q, _)| gone_remote.contains(q)))
+        .cloned()
         .collect();
-    let kept_dirs: BTreeSet<String> = doomed
+    let kept_local: BTreeSet<String> = gone_local
         .iter()
-        .filter(|p| match direction {
-            Direction::Push => {
-                remote.get(*p).is_some_and(|e| e.kind == EntryKind::Dir)
-                    && all_below_doomed(remote, p, &doomed)
-            }
-            Direction::Pull => {
-                local.get(*p).is_some_and(|e| e.kind == EntryKind::Dir)
-                    && all_below_doomed(local, p, &doomed)
-            }
+        .filter(|p| {
+            local.get(*p).is_some_and(|e| e.kind == EntryKind::Dir)
+                && subtree(local, p).all(|(q, _)| gone_local.contains(q))
         })
         .cloned()
         .collect();
-    let is_dir_delete = |a: &Action| match (a, direction) {
-        (Action::DeleteRemote { path, .. }, Direction::Push) => {
-            remote.get(path).is_some_and(|e| e.kind == EntryKind::Dir)
-        }
-        (Action::DeleteLocal { kind, .. }, Direction::Pull) => *kind == EntryKind::Dir,
-        _ => false,
-    };
     let covered = |path: &str| {
         let mut p = path;
         while let Some((parent, _)) = p.rsplit_once('/') {
-            if kept_dirs.contains(parent) {
+            if kept_remote.contains(parent) {
                 return true;
             }
             p = parent;
@@ -346,19 +611,22 @@ fn prune_folder_deletes(
     };
     let mut out = Vec::with_capacity(actions.len());
     for a in actions.drain(..) {
-        if is_dir_delete(&a) && !kept_dirs.contains(a.path()) {
-            continue;
-        }
-        // Remote folder deletes are recursive on the server, so what lies below is covered.
-        // Local folder deletes only remove empty folders, so their files are still deleted.
-        if direction == Direction::Push
-            && matches!(a, Action::DeleteRemote { .. })
-            && covered(a.path())
-        {
-            out.push(Action::Forget {
-                path: a.path().to_string(),
-            });
-            continue;
+        match &a {
+            Action::DeleteRemote { path, .. }
+                if remote_dir(path) && !kept_remote.contains(path) =>
+            {
+                continue
+            }
+            Action::DeleteLocal {
+                path,
+                kind: EntryKind::Dir,
+            } if !kept_local.contains(path) => continue,
+            // Server folder deletes are recursive, so what lies below is covered.
+            Action::DeleteRemote { path, .. } if covered(path) => {
+                out.push(Action::Forget { path: path.clone() });
+                continue;
+            }
+            _ => {}
         }
         out.push(a);
     }
@@ -393,6 +661,7 @@ mod tests {
             executable: l.executable,
             content_hash: l.content_hash.clone(),
             blocks: vec![],
+            block_lens: vec![],
             rev,
         }
     }
@@ -426,7 +695,7 @@ mod tests {
         if let Some((r, rev)) = r {
             rt.insert("f".into(), remote("f", &r, rev));
         }
-        plan(&lt, &st, &rt, d, Options::default()).actions
+        plan(&lt, &st, &rt, d, &Options::default()).actions
     }
 
     fn up(parent_rev: Option<i64>) -> Action {
@@ -566,8 +835,9 @@ mod tests {
             &st,
             &rt,
             Direction::Push,
-            Options {
+            &Options {
                 allow_remote_delete: false,
+                ..Options::default()
             },
         );
         assert!(p.actions.is_empty());
@@ -591,7 +861,7 @@ mod tests {
             .iter()
             .map(|(p, l)| (p.to_string(), remote(p, l, 1)))
             .collect();
-        plan(&lt, &st, &rt, d, Options::default()).actions
+        plan(&lt, &st, &rt, d, &Options::default()).actions
     }
 
     #[test]
@@ -666,5 +936,171 @@ mod tests {
         let acts = tree_case(&local, &local, &[], Direction::Pull);
         let order: Vec<_> = acts.iter().map(|a| a.path().to_string()).collect();
         assert_eq!(order, vec!["z/y/f", "z/y", "z"]);
+    }
+
+    #[test]
+    fn two_way_table() {
+        use Direction::Both;
+        let a = file("a");
+        let b = file("b");
+        let c = file("c");
+        let s = Some((a.clone(), 3));
+        let r = Some((b.clone(), 5));
+        let copy = |actions: &[Action]| {
+            assert_eq!(
+                actions,
+                &[
+                    Action::ConflictCopy {
+                        path: "f".into(),
+                        copy: "f (conflicted copy)".into()
+                    },
+                    down()
+                ]
+            )
+        };
+        let none: Vec<Action> = vec![];
+        assert_eq!(run(Some(a.clone()), s.clone(), s.clone(), Both), none);
+        assert_eq!(
+            run(Some(c.clone()), s.clone(), s.clone(), Both),
+            vec![up(Some(3))]
+        );
+        assert_eq!(
+            run(Some(a.clone()), s.clone(), r.clone(), Both),
+            vec![down()]
+        );
+        assert_eq!(
+            run(Some(b.clone()), s.clone(), r.clone(), Both),
+            vec![rec()]
+        );
+        copy(&run(Some(c.clone()), s.clone(), r.clone(), Both));
+        copy(&run(Some(a.clone()), None, r.clone(), Both));
+        assert_eq!(run(Some(a.clone()), None, None, Both), vec![up(None)]);
+        assert_eq!(run(None, None, r.clone(), Both), vec![down()]);
+        // edit beats delete, both ways
+        assert_eq!(run(Some(c.clone()), s.clone(), None, Both), vec![up(None)]);
+        assert_eq!(run(None, s.clone(), r.clone(), Both), vec![down()]);
+        // unchanged on one side, deleted on the other: the delete goes through
+        assert_eq!(
+            run(Some(a.clone()), s.clone(), None, Both),
+            vec![Action::DeleteLocal {
+                path: "f".into(),
+                kind: EntryKind::File
+            }]
+        );
+        assert_eq!(
+            run(None, s.clone(), s.clone(), Both),
+            vec![Action::DeleteRemote {
+                path: "f".into(),
+                rev: 3
+            }]
+        );
+        assert_eq!(run(None, s.clone(), None, Both), vec![forget()]);
+    }
+
+    #[test]
+    fn conflict_names() {
+        let none = |_: &str| false;
+        assert_eq!(conflict_name("d/report.pdf", "L", none), "d/report (L).pdf");
+        assert_eq!(conflict_name(".bashrc", "L", none), ".bashrc (L)");
+        assert_eq!(conflict_name("a.tar.gz", "L", none), "a.tar (L).gz");
+        assert_eq!(
+            conflict_name("x.txt", "L", |c| c == "x (L).txt"),
+            "x (L 2).txt"
+        );
+    }
+
+    #[test]
+    fn local_rename_is_a_server_move() {
+        let a = file("a");
+        let synced_ = [("old.txt", a.clone())];
+        let local = [("new.txt", a.clone())];
+        for d in [Direction::Push, Direction::Both] {
+            assert_eq!(
+                tree_case(&local, &synced_, &synced_, d),
+                vec![Action::MoveRemote {
+                    from: "old.txt".into(),
+                    to: "new.txt".into(),
+                    rev: 1
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn remote_rename_is_a_local_move() {
+        let a = file("a");
+        let synced_ = [("old.txt", a.clone())];
+        let remote_ = [("new.txt", a.clone())];
+        for d in [Direction::Pull, Direction::Both] {
+            assert_eq!(
+                tree_case(&synced_, &synced_, &remote_, d),
+                vec![Action::MoveLocal {
+                    from: "old.txt".into(),
+                    to: "new.txt".into()
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn ambiguous_content_is_not_a_move() {
+        let a = file("a");
+        let synced_ = [("x1", a.clone()), ("x2", a.clone())];
+        let local = [("y1", a.clone()), ("y2", a.clone())];
+        let acts = tree_case(&local, &synced_, &synced_, Direction::Push);
+        assert!(acts.iter().all(|a| !matches!(a, Action::MoveRemote { .. })));
+    }
+
+    #[test]
+    fn folder_rename_is_one_server_move() {
+        let (x, z) = (file("x"), file("z"));
+        let synced_ = [
+            ("d", dir()),
+            ("d/x", x.clone()),
+            ("d/y", dir()),
+            ("d/y/z", z.clone()),
+        ];
+        let local = [
+            ("e", dir()),
+            ("e/x", x.clone()),
+            ("e/y", dir()),
+            ("e/y/z", z.clone()),
+        ];
+        let acts = tree_case(&local, &synced_, &synced_, Direction::Both);
+        assert_eq!(
+            acts,
+            vec![Action::MoveRemote {
+                from: "d".into(),
+                to: "e".into(),
+                rev: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn deletes_are_counted_for_the_guard() {
+        let a = file("a");
+        let all = [
+            ("d", dir()),
+            ("d/x", a.clone()),
+            ("d/y", file("y")),
+            ("z", file("z")),
+        ];
+        let rt: RemoteTree = all
+            .iter()
+            .map(|(p, l)| (p.to_string(), remote(p, l, 1)))
+            .collect();
+        let st: SyncedTree = all
+            .iter()
+            .map(|(p, l)| (p.to_string(), synced(l, 1)))
+            .collect();
+        let p = plan(
+            &LocalStates::new(),
+            &st,
+            &rt,
+            Direction::Both,
+            &Options::default(),
+        );
+        assert_eq!(p.files_deleted(&rt), 3);
     }
 }

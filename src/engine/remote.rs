@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::protocol::{
     self as p, routes as r, CommitRequest, CommitResponse, DeleteRequest, DeleteResponse,
-    ErrorBody, InfoResponse, ListResponse, LoginRequest, LoginResponse, MissingRequest,
-    MissingResponse, MkdirRequest, PutBlockResponse,
+    ErrorBody, InfoResponse, JournalResponse, ListResponse, LoginRequest, LoginResponse,
+    MissingRequest, MissingResponse, MkdirRequest, MoveRequest, PutBlockResponse,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +234,32 @@ impl Remote {
                 path: path.to_string(),
                 parent_rev,
             },
+        )
+        .await
+    }
+
+    pub async fn move_path(
+        &self,
+        from: &str,
+        to: &str,
+        parent_rev: Option<i64>,
+    ) -> RemoteResult<CommitResponse> {
+        self.post(
+            r::FILES_MOVE,
+            &MoveRequest {
+                from: from.to_string(),
+                to: to.to_string(),
+                parent_rev,
+            },
+        )
+        .await
+    }
+
+    /// Journal rows after `cursor`, one page.
+    pub async fn journal(&self, cursor: i64, limit: u32) -> RemoteResult<JournalResponse> {
+        self.json(
+            self.request(Method::GET, r::JOURNAL)
+                .query(&[("cursor", cursor.to_string()), ("limit", limit.to_string())]),
         )
         .await
     }

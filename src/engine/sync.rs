@@ -1,4 +1,5 @@
-//! One push or pull, end to end: scan, hash what changed, list the server, plan, apply.
+//! One push, pull or two-way sync, end to end: bring the remote tree up to date from the
+//! journal, scan, hash what changed, plan, apply.
 //!
 //! Upload order is the commit protocol: ask which blocks the server lacks, upload those
 //! (re-reading and re-hashing each from the file, so a file edited since it was hashed is
@@ -20,7 +21,7 @@ use serde::Serialize;
 
 use super::chunker::{self, BlockRef, Digest};
 use super::config::Folder;
-use super::index::{Index, IndexOp, SyncedEntry, SyncedTree};
+use super::index::{Index, IndexOp, RemoteOp, SyncedEntry, SyncedTree};
 use super::planner::{self, Action, Direction, LocalState, LocalStates, RemoteTree};
 use super::remote::{Remote, RemoteError};
 use super::scanner::{self, LocalEntry, Scan, TEMP_PREFIX};
@@ -49,6 +50,8 @@ pub struct Report {
     pub files_uploaded: u64,
     pub files_downloaded: u64,
     pub files_deleted: u64,
+    /// Files (or whole folders) renamed instead of re-transferred.
+    pub files_moved: u64,
     pub folders_created: u64,
     pub folders_deleted: u64,
     pub blocks_uploaded: u64,
@@ -56,10 +59,18 @@ pub struct Report {
     pub bytes_deduplicated: u64,
     pub blocks_downloaded: u64,
     pub block_bytes_received: u64,
+    /// Bytes a download copied from blocks of files already on disk instead of fetching.
+    pub bytes_reused: u64,
+    /// Conflicts resolved by keeping the local version under another name.
+    pub conflict_copies: Vec<ConflictCopy>,
+    /// Conflicts left for the user (one-way runs): nothing was changed for these.
     pub conflicts: Vec<Conflict>,
     pub warnings: Vec<String>,
     /// The planned actions (all of them with `dry_run`).
     pub plan: Vec<PlannedAction>,
+    /// Something changed while this run worked; another pass will settle it.
+    #[serde(skip)]
+    pub retry: bool,
 }
 
 impl Report {
@@ -67,6 +78,34 @@ impl Report {
     pub fn has_problems(&self) -> bool {
         !self.conflicts.is_empty()
     }
+
+    /// Adds a later pass's work to this report (its plan and conflicts replace the earlier
+    /// ones: they describe where things stand now).
+    pub fn absorb(&mut self, later: Report) {
+        self.files_uploaded += later.files_uploaded;
+        self.files_downloaded += later.files_downloaded;
+        self.files_deleted += later.files_deleted;
+        self.files_moved += later.files_moved;
+        self.folders_created += later.folders_created;
+        self.folders_deleted += later.folders_deleted;
+        self.blocks_uploaded += later.blocks_uploaded;
+        self.block_bytes_sent += later.block_bytes_sent;
+        self.bytes_deduplicated += later.bytes_deduplicated;
+        self.blocks_downloaded += later.blocks_downloaded;
+        self.block_bytes_received += later.block_bytes_received;
+        self.bytes_reused += later.bytes_reused;
+        self.conflict_copies.extend(later.conflict_copies);
+        self.conflicts = later.conflicts;
+        self.warnings.extend(later.warnings);
+        self.plan.extend(later.plan);
+        self.retry = later.retry;
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConflictCopy {
+    pub path: String,
+    pub copy: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -79,10 +118,19 @@ pub struct Conflict {
 pub struct PlannedAction {
     pub action: &'static str,
     pub path: String,
+    /// For a move: where it comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// For a conflicted copy: the name the local version is kept under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
 }
 
 fn planned(a: &Action) -> PlannedAction {
     let action = match a {
+        Action::MoveRemote { .. } => "move_remote",
+        Action::MoveLocal { .. } => "move_local",
+        Action::ConflictCopy { .. } => "conflict_copy",
         Action::DeleteRemote { .. } => "delete_remote",
         Action::DeleteLocal { .. } => "delete_local",
         Action::MkdirRemote { .. } => "mkdir_remote",
@@ -96,12 +144,23 @@ fn planned(a: &Action) -> PlannedAction {
     PlannedAction {
         action,
         path: a.path().to_string(),
+        from: match a {
+            Action::MoveRemote { from, .. } | Action::MoveLocal { from, .. } => Some(from.clone()),
+            _ => None,
+        },
+        copy: match a {
+            Action::ConflictCopy { copy, .. } => Some(copy.clone()),
+            _ => None,
+        },
     }
 }
 
 pub struct SyncOptions {
     pub direction: Direction,
     pub dry_run: bool,
+    /// Stop before deleting more than this many files (default: more than 100 files and more
+    /// than half of the folder).
+    pub max_delete: Option<usize>,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
@@ -154,7 +213,161 @@ fn local_states(
         .collect()
 }
 
-/// Runs one push or pull of `folder` against `remote`.
+/// How many journal rows one request reads.
+const JOURNAL_PAGE: u32 = 1000;
+/// The default delete guard: a run that would delete more than this many files, and more than
+/// half of the folder, stops before deleting anything.
+const DEFAULT_MAX_DELETE: usize = 100;
+
+/// The path of `path` relative to the folder's remote root, if it lies below it.
+fn relative_to(root: &str, path: &str) -> Option<String> {
+    if root.is_empty() {
+        return (!path.is_empty()).then(|| path.to_string());
+    }
+    path.strip_prefix(root)?
+        .strip_prefix('/')
+        .map(str::to_string)
+}
+
+/// Folds one journal row into the remote tree (and the ops that persist it).
+fn apply_journal_entry(
+    tree: &mut RemoteTree,
+    ops: &mut Vec<RemoteOp>,
+    root: &str,
+    e: protocol::JournalEntry,
+) {
+    if let Some(old) = e.old_path.as_deref().and_then(|p| relative_to(root, p)) {
+        tree.remove(&old);
+        ops.push(RemoteOp::Remove(old));
+    }
+    let Some(rel) = relative_to(root, &e.path) else {
+        return;
+    };
+    if e.op == protocol::JournalOp::Delete {
+        tree.remove(&rel);
+        ops.push(RemoteOp::Remove(rel));
+        return;
+    }
+    let entry = protocol::Entry {
+        path: rel.clone(),
+        kind: e.kind,
+        rev: e.id,
+        size: e.size,
+        content_hash: e.content_hash,
+        mtime: e.mtime,
+        executable: e.executable,
+        blocks: e.blocks,
+    };
+    tree.insert(rel.clone(), entry.clone());
+    ops.push(RemoteOp::Put(rel, entry));
+}
+
+/// The remote tree now: the stored one brought up to date from the journal, page by page; or,
+/// on the first sync or when the server is not the one this folder synced with (another epoch,
+/// or a journal behind the stored cursor), a full listing. Returns the tree, the ops that store
+/// it, its cursor, and whether the server was found replaced.
+async fn fetch_remote(
+    index: &Index,
+    remote: &Remote,
+    root: &str,
+    epoch: &str,
+) -> Result<(RemoteTree, Vec<RemoteOp>, i64, bool), EngineError> {
+    let stored = index.cursor(ROOT_NS).await?;
+    let mut replaced = stored.as_ref().is_some_and(|(_, e)| e != epoch);
+    if let Some((mut cursor, _)) = stored.filter(|_| !replaced) {
+        let mut tree = index.load_remote(ROOT_NS).await?;
+        let mut ops = Vec::new();
+        loop {
+            let page = remote.journal(cursor, JOURNAL_PAGE).await?;
+            if page.cursor < cursor {
+                replaced = true;
+                break;
+            }
+            for e in page.entries {
+                apply_journal_entry(&mut tree, &mut ops, root, e);
+            }
+            cursor = page.cursor;
+            if !page.has_more {
+                return Ok((tree, ops, cursor, false));
+            }
+        }
+    }
+    // The head first: anything committed after it is read from the journal next time.
+    let head = remote.journal(i64::MAX, 1).await?.cursor;
+    let (entries, cursor) = match remote.list(root, true).await {
+        Ok(l) => (l.entries, l.cursor),
+        Err(RemoteError::NotFound(_)) => (Vec::new(), head),
+        Err(e) => return Err(e.into()),
+    };
+    let mut tree = RemoteTree::new();
+    let mut ops = vec![RemoteOp::Clear];
+    for mut e in entries {
+        if let Some(rel) = relative_to(root, &e.path) {
+            e.path = rel.clone();
+            ops.push(RemoteOp::Put(rel.clone(), e.clone()));
+            tree.insert(rel, e);
+        }
+    }
+    Ok((tree, ops, cursor, replaced))
+}
+
+/// `HOST's conflicted copy YYYY-MM-DD` (UTC date).
+fn conflict_label() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "this device".into());
+    let days = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    let (y, m, d) = civil_from_days(days);
+    format!("{host}'s conflicted copy {y:04}-{m:02}-{d:02}")
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Where each block of an unchanged, synced local file lies, so downloads can copy it instead
+/// of fetching it.
+fn local_block_sources(scan: &Scan, synced: &SyncedTree) -> HashMap<String, (String, BlockRef)> {
+    let mut out = HashMap::new();
+    for (path, s) in synced {
+        let unchanged = scan.tree.get(path).is_some_and(|l| stat_matches(l, s));
+        if !unchanged || s.block_lens.len() != s.blocks.len() {
+            continue;
+        }
+        let mut offset = 0u64;
+        for (hash, len) in s.blocks.iter().zip(&s.block_lens) {
+            out.entry(hash.clone()).or_insert_with(|| {
+                (
+                    path.clone(),
+                    BlockRef {
+                        hash: hash.clone(),
+                        offset,
+                        len: *len,
+                    },
+                )
+            });
+            offset += u64::from(*len);
+        }
+    }
+    out
+}
+
+/// Runs one push, pull or two-way sync of `folder` against `remote`.
 pub async fn run(
     folder: &Folder,
     remote: &Remote,
@@ -172,16 +385,15 @@ pub async fn run(
         })
     })?;
     let index = Index::open(&folder.index_path(), true).await?;
-    let mut epoch_changed = false;
-    let synced = match index.cursor(ROOT_NS).await? {
-        // The server's metadata is not the one this folder synced with (restored from a backup,
-        // or rebuilt): its revisions mean nothing, so sync as if for the first time. Nothing is
-        // deleted on either side then; what the server lacks is uploaded again.
-        Some((_, epoch)) if epoch != info.epoch => {
-            epoch_changed = true;
-            SyncedTree::new()
-        }
-        _ => index.load().await?,
+    let (remote_tree, remote_ops, cursor, replaced) =
+        fetch_remote(&index, remote, &remote_root, &info.epoch).await?;
+    // The server's metadata is not the one this folder synced with (restored from a backup,
+    // or rebuilt): its revisions mean nothing, so sync as if for the first time. Nothing is
+    // deleted on either side then; what the server lacks is uploaded again.
+    let synced = if replaced {
+        SyncedTree::new()
+    } else {
+        index.load().await?
     };
 
     let root = folder.root.clone();
@@ -189,37 +401,34 @@ pub async fn run(
         .await
         .map_err(io_at(&folder.root))?;
 
-    let listing = match remote.list(&remote_root, true).await {
-        Ok(l) => l,
-        Err(RemoteError::NotFound(_)) => protocol::ListResponse {
-            entries: Vec::new(),
-            cursor: 0,
-        },
-        Err(e) => return Err(e.into()),
-    };
-    let prefix_len = if remote_root.is_empty() {
-        0
-    } else {
-        remote_root.len() + 1
-    };
-    let remote_tree: RemoteTree = listing
-        .entries
-        .into_iter()
-        .filter(|e| e.path.len() > prefix_len)
-        .map(|e| (e.path[prefix_len..].to_string(), e))
+    // A file that vanished from the index's view and reappeared elsewhere with the same inode,
+    // size and mtime was renamed: its content hash is known without reading it.
+    let by_inode: HashMap<u64, &SyncedEntry> = synced
+        .iter()
+        .filter(|(p, s)| s.kind == EntryKind::File && !scan.tree.contains_key(*p))
+        .map(|(_, s)| (s.inode, s))
         .collect();
-
+    let mut renamed: HashMap<String, String> = HashMap::new();
     // Hash what the index cannot vouch for. A pull needs hashes only where they decide
     // something: paths the server or the index knows.
     let to_hash: Vec<(String, u64)> = scan
         .tree
         .iter()
         .filter(|(p, l)| {
-            l.kind == EntryKind::File
-                && !synced.get(*p).is_some_and(|s| stat_matches(l, s))
-                && (opts.direction == Direction::Push
-                    || remote_tree.contains_key(*p)
-                    || synced.contains_key(*p))
+            if l.kind != EntryKind::File || synced.get(*p).is_some_and(|s| stat_matches(l, s)) {
+                return false;
+            }
+            if !synced.contains_key(*p) {
+                if let Some(s) = by_inode.get(&l.inode).filter(|s| stat_matches(l, s)) {
+                    if let Some(h) = &s.content_hash {
+                        renamed.insert((*p).clone(), h.clone());
+                        return false;
+                    }
+                }
+            }
+            opts.direction != Direction::Pull
+                || remote_tree.contains_key(*p)
+                || synced.contains_key(*p)
         })
         .map(|(p, l)| (p.clone(), l.size))
         .collect();
@@ -227,12 +436,13 @@ pub async fn run(
         direction: match opts.direction {
             Direction::Push => "push",
             Direction::Pull => "pull",
+            Direction::Both => "sync",
         },
         dry_run: opts.dry_run,
         warnings: scan.warnings.clone(),
         ..Report::default()
     };
-    if epoch_changed {
+    if replaced {
         report.warnings.push(
             "the server's metadata changed since the last sync (restored or rebuilt); \
              syncing as for the first time: nothing is deleted, missing files are sent again"
@@ -240,17 +450,23 @@ pub async fn run(
         );
     }
     let digests = hash_files(&folder.root, to_hash, info.chunk, &progress, &mut report).await?;
-    let local = local_states(&scan, &synced, &digests);
+    let mut local = local_states(&scan, &synced, &digests);
+    for (path, hash) in &renamed {
+        if let Some(l) = local.get_mut(path) {
+            l.content_hash = Some(hash.clone());
+        }
+    }
     let plan = planner::plan(
         &local,
         &synced,
         &remote_tree,
         opts.direction,
-        planner::Options {
+        &planner::Options {
             allow_remote_delete: !scan.incomplete,
+            conflict_label: conflict_label(),
         },
     );
-    if scan.incomplete && opts.direction == Direction::Push {
+    if scan.incomplete && opts.direction != Direction::Pull {
         report
             .warnings
             .push("some files could not be read, so no server file was deleted this time".into());
@@ -264,11 +480,48 @@ pub async fn run(
         }
     }
     report.plan = plan.actions.iter().map(planned).collect();
+
+    let deletes = plan.files_deleted(&remote_tree);
+    let total = synced
+        .values()
+        .filter(|s| s.kind == EntryKind::File)
+        .count();
+    let too_many = match opts.max_delete {
+        Some(max) => deletes > max,
+        None => deletes > DEFAULT_MAX_DELETE && deletes * 2 > total,
+    };
+    if too_many {
+        if opts.dry_run {
+            report.warnings.push(format!(
+                "this would delete {deletes} of {total} files: a real run stops before deleting \
+                 anything unless given --max-delete {deletes}"
+            ));
+        } else {
+            index.close().await;
+            return Err(EngineError::TooManyDeletes {
+                count: deletes,
+                total,
+            });
+        }
+    }
     if opts.dry_run {
         index.close().await;
         return Ok(report);
     }
 
+    if replaced {
+        index.clear().await?;
+    }
+    // The stored remote tree and its cursor describe the server whatever happens next.
+    index
+        .save_remote(ROOT_NS, &remote_ops, cursor, &info.epoch)
+        .await?;
+    // Leftovers of a run that was killed mid-download: never synced, safe to drop.
+    for t in &scan.stale_temps {
+        let _ = fs::remove_file(t);
+    }
+
+    let sources = local_block_sources(&scan, &synced);
     let mut ctx = Apply {
         root: &folder.root,
         remote,
@@ -276,26 +529,19 @@ pub async fn run(
         scan: &scan,
         synced: &synced,
         remote_tree: &remote_tree,
-        digests: &digests,
+        digests,
+        params: info.chunk,
+        sources: &sources,
+        renamed_away: HashSet::new(),
         ops: Vec::new(),
         report,
         progress: progress.clone(),
     };
-    if epoch_changed {
-        index.clear().await?;
-    }
-    // Leftovers of a run that was killed mid-download: never synced, safe to drop.
-    for t in &scan.stale_temps {
-        let _ = fs::remove_file(t);
-    }
     let result = ctx.apply(&plan.actions).await;
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ctx.ops).await?;
-    result?;
-    index
-        .set_cursor(ROOT_NS, listing.cursor, &info.epoch)
-        .await?;
     index.close().await;
+    result?;
     Ok(ctx.report)
 }
 
@@ -349,7 +595,11 @@ struct Apply<'a> {
     scan: &'a Scan,
     synced: &'a SyncedTree,
     remote_tree: &'a RemoteTree,
-    digests: &'a HashMap<String, Digest>,
+    digests: HashMap<String, Digest>,
+    params: ChunkParams,
+    sources: &'a HashMap<String, (String, BlockRef)>,
+    /// Paths whose local file was renamed to a conflicted copy in this run.
+    renamed_away: HashSet<String>,
     ops: Vec<IndexOp>,
     report: Report,
     progress: Arc<dyn Progress>,
@@ -359,6 +609,11 @@ fn now_stat(path: &Path) -> Option<LocalEntry> {
     fs::symlink_metadata(path)
         .ok()
         .map(|m| LocalEntry::from_metadata(&m))
+}
+
+/// Block lengths from a digest, for the index.
+fn lens_of(d: &Digest) -> Vec<u32> {
+    d.blocks.iter().map(|b| b.len).collect()
 }
 
 impl Apply<'_> {
@@ -373,8 +628,9 @@ impl Apply<'_> {
         });
     }
 
-    /// The index row for a path whose local and remote sides now agree.
-    fn record(&mut self, path: &str, rev: i64, blocks: Vec<String>, content_hash: Option<String>) {
+    /// The index row for a path whose local and remote sides now agree, from the file's
+    /// current stat.
+    fn record(&mut self, path: &str, e: &protocol::Entry, block_lens: Vec<u32>) {
         let Some(l) = now_stat(&self.root.join(path)) else {
             return;
         };
@@ -387,11 +643,26 @@ impl Apply<'_> {
                 mtime_ns: l.mtime_ns,
                 inode: l.inode,
                 executable: l.executable,
-                content_hash,
-                blocks,
-                rev,
+                content_hash: e.content_hash.clone(),
+                blocks: e.blocks.clone(),
+                block_lens,
+                rev: e.rev,
             },
         ));
+    }
+
+    fn record_dir(&mut self, path: &str, rev: i64) {
+        let entry = protocol::Entry {
+            path: path.to_string(),
+            kind: EntryKind::Dir,
+            rev,
+            size: 0,
+            content_hash: None,
+            mtime: 0,
+            executable: false,
+            blocks: Vec::new(),
+        };
+        self.record(path, &entry, Vec::new());
     }
 
     /// Forgets `path` and, for a folder, everything the index holds below it.
@@ -404,31 +675,43 @@ impl Apply<'_> {
         }
     }
 
+    /// Whether the local file is still as the scan saw it.
+    fn unchanged_since_scan(&self, path: &str) -> bool {
+        now_stat(&self.root.join(path)).as_ref() == self.scan.tree.get(path)
+    }
+
     async fn apply(&mut self, actions: &[Action]) -> Result<(), EngineError> {
         let mut uploads = Vec::new();
         let mut downloads = Vec::new();
         for a in actions {
             match a {
+                Action::MoveRemote { from, to, rev } => self.move_remote(from, to, *rev).await?,
+                Action::MoveLocal { from, to } => self.move_local(from, to)?,
                 Action::DeleteRemote { path, rev } => self.delete_remote(path, *rev).await?,
                 Action::DeleteLocal { path, kind } => self.delete_local(path, *kind)?,
                 Action::MkdirRemote { path } => {
                     let resp = self.remote.mkdir(&self.remote_path(path)).await?;
                     self.report.folders_created += 1;
-                    self.record(path, resp.rev, Vec::new(), None);
+                    self.record_dir(path, resp.rev);
                 }
                 Action::MkdirLocal { path } => {
                     let full = self.root.join(path);
                     fs::create_dir_all(&full).map_err(io_at(&full))?;
                     self.report.folders_created += 1;
                     let rev = self.remote_tree.get(path).map_or(0, |e| e.rev);
-                    self.record(path, rev, Vec::new(), None);
+                    self.record_dir(path, rev);
+                }
+                Action::ConflictCopy { path, copy } => {
+                    if self.conflict_copy(path, copy)? {
+                        uploads.push((copy.clone(), None));
+                    }
                 }
                 Action::Upload { path, parent_rev } => uploads.push((path.clone(), *parent_rev)),
                 Action::Download { path } => downloads.push(path.clone()),
                 Action::Record { path } => {
                     if let Some(r) = self.remote_tree.get(path) {
-                        let (rev, blocks, hash) = (r.rev, r.blocks.clone(), r.content_hash.clone());
-                        self.record(path, rev, blocks, hash);
+                        let lens = self.digests.get(path).map(lens_of).unwrap_or_default();
+                        self.record(path, &r.clone(), lens);
                     }
                 }
                 Action::Forget { path } => self.ops.push(IndexOp::Remove(path.clone())),
@@ -442,6 +725,92 @@ impl Apply<'_> {
             self.download(downloads).await?;
         }
         Ok(())
+    }
+
+    async fn move_remote(&mut self, from: &str, to: &str, rev: i64) -> Result<(), EngineError> {
+        let (rf, rt) = (self.remote_path(from), self.remote_path(to));
+        match self.remote.move_path(&rf, &rt, Some(rev)).await {
+            Ok(resp) => {
+                self.report.files_moved += 1;
+                // The index follows: every synced entry below `from` now lives below `to`.
+                let lo = format!("{from}/");
+                let hi = format!("{from}0");
+                let moved: Vec<(String, SyncedEntry)> = std::iter::once(from.to_string())
+                    .chain(self.synced.range(lo..hi).map(|(p, _)| p.clone()))
+                    .filter_map(|p| self.synced.get(&p).map(|s| (p, s.clone())))
+                    .collect();
+                for (old, s) in moved {
+                    let new = format!("{to}{}", &old[from.len()..]);
+                    self.ops.push(IndexOp::Remove(old));
+                    if let Some(l) = now_stat(&self.root.join(&new)) {
+                        let rev = if new == to { resp.rev } else { s.rev };
+                        self.ops.push(IndexOp::Put(
+                            new,
+                            SyncedEntry {
+                                mtime_ns: l.mtime_ns,
+                                inode: l.inode,
+                                rev,
+                                ..s
+                            },
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Err(
+                RemoteError::Conflict { .. }
+                | RemoteError::NotFound(_)
+                | RemoteError::Refused { .. },
+            ) => {
+                // The server moved on meanwhile; the next pass sees it as a delete and a new file.
+                self.report.retry = true;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn move_local(&mut self, from: &str, to: &str) -> Result<(), EngineError> {
+        let (src, dst) = (self.root.join(from), self.root.join(to));
+        if !self.unchanged_since_scan(from) || now_stat(&dst).is_some() {
+            self.report.retry = true;
+            return Ok(());
+        }
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).map_err(io_at(parent))?;
+        }
+        fs::rename(&src, &dst).map_err(io_at(&src))?;
+        self.report.files_moved += 1;
+        self.ops.push(IndexOp::Remove(from.to_string()));
+        if let Some(r) = self.remote_tree.get(to).cloned() {
+            let lens = self
+                .synced
+                .get(from)
+                .map(|s| s.block_lens.clone())
+                .unwrap_or_default();
+            self.record(to, &r, lens);
+        }
+        Ok(())
+    }
+
+    /// Renames the local file to its conflicted-copy name; false when it changed meanwhile
+    /// (then it is left alone and the next pass decides again).
+    fn conflict_copy(&mut self, path: &str, copy: &str) -> Result<bool, EngineError> {
+        let (src, dst) = (self.root.join(path), self.root.join(copy));
+        if !self.unchanged_since_scan(path) || now_stat(&dst).is_some() {
+            self.report.retry = true;
+            return Ok(false);
+        }
+        fs::rename(&src, &dst).map_err(io_at(&src))?;
+        if let Some(d) = self.digests.get(path).cloned() {
+            self.digests.insert(copy.to_string(), d);
+        }
+        self.renamed_away.insert(path.to_string());
+        self.report.conflict_copies.push(ConflictCopy {
+            path: path.to_string(),
+            copy: copy.to_string(),
+        });
+        Ok(true)
     }
 
     async fn delete_remote(&mut self, path: &str, rev: i64) -> Result<(), EngineError> {
@@ -460,10 +829,8 @@ impl Apply<'_> {
             }
             Err(RemoteError::NotFound(_)) => {}
             Err(RemoteError::Conflict { .. }) => {
-                self.conflict(
-                    path,
-                    "changed on the server since the last sync; not deleted",
-                );
+                // Changed on the server since we looked: the edit wins, the next pass brings it.
+                self.report.retry = true;
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -477,8 +844,8 @@ impl Apply<'_> {
         match kind {
             EntryKind::File => {
                 // Changed since the scan: the user is working on it; keep it.
-                if now_stat(&full).as_ref() != self.scan.tree.get(path) {
-                    self.conflict(path, "changed locally during the pull; not deleted");
+                if !self.unchanged_since_scan(path) {
+                    self.report.retry = true;
                     return Ok(());
                 }
                 match fs::remove_file(&full) {
@@ -503,13 +870,30 @@ impl Apply<'_> {
     }
 
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
+        // Files planned without a digest (renamed ones whose hash came from the index).
+        let undigested: Vec<(String, u64)> = files
+            .iter()
+            .filter(|(p, _)| !self.digests.contains_key(p))
+            .map(|(p, _)| (p.clone(), 0))
+            .collect();
+        if !undigested.is_empty() {
+            let more = hash_files(
+                self.root,
+                undigested,
+                self.params,
+                &self.progress,
+                &mut self.report,
+            )
+            .await?;
+            self.digests.extend(more);
+        }
         // Each distinct block once, with where to read it from.
         let mut sources: HashMap<&str, (&str, &BlockRef)> = HashMap::new();
         let mut total_bytes = 0u64;
         for (path, _) in &files {
             if let Some(d) = self.digests.get(path) {
                 for b in &d.blocks {
-                    total_bytes += b.len as u64;
+                    total_bytes += u64::from(b.len);
                     sources.entry(&b.hash).or_insert((path, b));
                 }
             }
@@ -523,7 +907,7 @@ impl Apply<'_> {
         let send_bytes: u64 = missing
             .iter()
             .filter_map(|h| sources.get(h.as_str()))
-            .map(|(_, b)| b.len as u64)
+            .map(|(_, b)| u64::from(b.len))
             .sum();
         self.progress.start("uploading", send_bytes);
         let root = self.root;
@@ -534,7 +918,7 @@ impl Apply<'_> {
             .filter_map(|h| sources.get(h.as_str()))
             .map(|(p, b)| (p.to_string(), root.join(p), (*b).clone()))
             .collect();
-        let results: Vec<(String, u64, Option<bool>)> = stream::iter(jobs)
+        let results: Vec<(String, u64, bool)> = stream::iter(jobs)
             .map(|(path, full, block)| {
                 let progress = progress.clone();
                 async move {
@@ -546,12 +930,12 @@ impl Apply<'_> {
                             source: e,
                         })?;
                     let Some(bytes) = bytes else {
-                        return Ok::<_, EngineError>((path, 0, None));
+                        return Ok::<_, EngineError>((path, 0, false));
                     };
                     let len = bytes.len() as u64;
-                    let resp = remote.put_block(&block.hash, bytes).await?;
+                    remote.put_block(&block.hash, bytes).await?;
                     progress.advance(len);
-                    Ok((path, len, Some(resp.stored)))
+                    Ok((path, len, true))
                 }
             })
             .buffer_unordered(UPLOAD_PARALLELISM)
@@ -560,75 +944,80 @@ impl Apply<'_> {
         self.progress.finish();
         let mut changed: HashSet<String> = HashSet::new();
         for (path, len, sent) in results {
-            match sent {
-                Some(_) => {
-                    self.report.blocks_uploaded += 1;
-                    self.report.block_bytes_sent += len;
-                }
-                None => {
-                    changed.insert(path);
-                }
+            if sent {
+                self.report.blocks_uploaded += 1;
+                self.report.block_bytes_sent += len;
+            } else {
+                changed.insert(path);
             }
         }
         self.report.bytes_deduplicated += total_bytes.saturating_sub(self.report.block_bytes_sent);
 
-        let commits: Vec<(String, CommitRequest)> = files
+        let commits: Vec<(String, LocalEntry, CommitRequest)> = files
             .iter()
             .filter(|(p, _)| !changed.contains(p))
             .filter_map(|(path, parent_rev)| {
                 let d = self.digests.get(path)?;
-                let l = self.scan.tree.get(path)?;
-                Some((
-                    path.clone(),
-                    CommitRequest {
-                        path: self.remote_path(path),
-                        parent_rev: *parent_rev,
-                        blocks: d.block_ids(),
-                        size: d.size,
-                        content_hash: d.content_hash.clone(),
-                        mtime: l.mtime_ms(),
-                        executable: l.executable,
-                    },
-                ))
+                let l = self
+                    .scan
+                    .tree
+                    .get(path)
+                    .cloned()
+                    .or_else(|| now_stat(&self.root.join(path)))?;
+                let req = CommitRequest {
+                    path: self.remote_path(path),
+                    parent_rev: *parent_rev,
+                    blocks: d.block_ids(),
+                    size: d.size,
+                    content_hash: d.content_hash.clone(),
+                    mtime: l.mtime_ms(),
+                    executable: l.executable,
+                };
+                Some((path.clone(), l, req))
             })
             .collect();
         for path in changed {
+            self.report.retry = true;
             self.report.warnings.push(format!(
                 "{path} changed while being uploaded; it will go next time"
             ));
         }
         let results: Vec<_> = stream::iter(commits)
-            .map(|(path, req)| async move {
+            .map(|(path, l, req)| async move {
                 let r = remote.commit(&req).await;
-                (path, req, r)
+                (path, l, req, r)
             })
             .buffer_unordered(COMMIT_PARALLELISM)
             .collect()
             .await;
-        for (path, req, r) in results {
+        for (path, l, req, r) in results {
             match r {
                 Ok(resp) => {
                     self.report.files_uploaded += 1;
-                    // The index records the stat seen at scan time: an edit since then has
-                    // another stat and is picked up by the next run.
-                    if let Some(l) = self.scan.tree.get(&path) {
-                        self.ops.push(IndexOp::Put(
-                            path.clone(),
-                            SyncedEntry {
-                                ns: ROOT_NS,
-                                kind: EntryKind::File,
-                                size: l.size,
-                                mtime_ns: l.mtime_ns,
-                                inode: l.inode,
-                                executable: l.executable,
-                                content_hash: Some(req.content_hash),
-                                blocks: req.blocks,
-                                rev: resp.rev,
-                            },
-                        ));
-                    }
+                    // The index records the stat seen when the file was hashed: an edit since
+                    // then has another stat and is picked up by the next run.
+                    let block_lens = self.digests.get(&path).map(lens_of).unwrap_or_default();
+                    self.ops.push(IndexOp::Put(
+                        path.clone(),
+                        SyncedEntry {
+                            ns: ROOT_NS,
+                            kind: EntryKind::File,
+                            size: l.size,
+                            mtime_ns: l.mtime_ns,
+                            inode: l.inode,
+                            executable: l.executable,
+                            content_hash: Some(req.content_hash),
+                            blocks: req.blocks,
+                            block_lens,
+                            rev: resp.rev,
+                        },
+                    ));
                 }
-                Err(RemoteError::Conflict { message, .. }) => self.conflict(&path, message),
+                Err(RemoteError::Conflict { message, .. }) => {
+                    // Someone committed first. Two-way: the next pass makes a conflicted copy.
+                    self.report.retry = true;
+                    self.conflict(&path, message);
+                }
                 Err(RemoteError::Refused { code, message, .. }) if code == "path_conflict" => {
                     self.conflict(&path, message)
                 }
@@ -648,18 +1037,34 @@ impl Apply<'_> {
         let root = self.root;
         let remote = self.remote;
         let progress = self.progress.clone();
-        let scan = self.scan;
+        let sources = self.sources;
         let jobs: Vec<_> = files
             .iter()
             .filter_map(|p| self.remote_tree.get(p).map(|e| (p.clone(), e.clone())))
+            .map(|(p, e)| {
+                // What must be at the destination for the download to replace it.
+                let expected = if self.renamed_away.contains(&p) {
+                    None
+                } else {
+                    self.scan.tree.get(&p).cloned()
+                };
+                (p, e, expected)
+            })
             .collect();
         let results: Vec<_> = stream::iter(jobs)
-            .map(|(path, entry)| {
+            .map(|(path, entry, expected)| {
                 let progress = progress.clone();
                 async move {
-                    let r =
-                        download_one(root, remote, &path, &entry, scan.tree.get(&path), &progress)
-                            .await;
+                    let r = download_one(
+                        root,
+                        remote,
+                        sources,
+                        &path,
+                        &entry,
+                        expected.as_ref(),
+                        &progress,
+                    )
+                    .await;
                     (path, entry, r)
                 }
             })
@@ -671,19 +1076,18 @@ impl Apply<'_> {
         let mut first_err = None;
         for (path, entry, r) in results {
             match r {
-                Ok(Some(bytes)) => {
+                Ok(Some(got)) => {
                     self.report.files_downloaded += 1;
-                    self.report.blocks_downloaded += entry.blocks.len() as u64;
-                    self.report.block_bytes_received += bytes;
+                    self.report.blocks_downloaded += got.blocks_fetched;
+                    self.report.block_bytes_received += got.bytes_fetched;
+                    self.report.bytes_reused += got.bytes_reused;
                     dirs.insert(self.root.join(protocol::parent_path(&path)));
-                    self.record(
-                        &path,
-                        entry.rev,
-                        entry.blocks.clone(),
-                        entry.content_hash.clone(),
-                    );
+                    self.record(&path, &entry, got.block_lens);
                 }
-                Ok(None) => self.conflict(&path, "changed locally during the pull; kept yours"),
+                Ok(None) => {
+                    self.report.retry = true;
+                    self.conflict(&path, "changed locally during the download; kept yours");
+                }
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -702,16 +1106,41 @@ impl Apply<'_> {
     }
 }
 
-/// Downloads one file into place. Returns the bytes received, or `None` when the local file
-/// changed since the scan (then nothing was replaced).
+/// What one download took.
+struct Downloaded {
+    blocks_fetched: u64,
+    bytes_fetched: u64,
+    bytes_reused: u64,
+    block_lens: Vec<u32>,
+}
+
+/// One block: from an unchanged local file when one holds it (re-verified), else the server.
+async fn fetch_block(
+    root: &Path,
+    remote: &Remote,
+    sources: &HashMap<String, (String, BlockRef)>,
+    hash: &str,
+) -> Result<(bytes::Bytes, bool), EngineError> {
+    if let Some((path, block)) = sources.get(hash) {
+        let (full, block) = (root.join(path), block.clone());
+        if let Ok(Some(bytes)) = blocking(move || chunker::read_block(&full, &block)).await {
+            return Ok((bytes::Bytes::from(bytes), true));
+        }
+    }
+    Ok((remote.get_block(hash).await?, false))
+}
+
+/// Downloads one file into place. Returns `None` when the destination changed since the scan
+/// (then nothing was replaced).
 async fn download_one(
     root: &Path,
     remote: &Remote,
+    sources: &HashMap<String, (String, BlockRef)>,
     path: &str,
     entry: &protocol::Entry,
-    scanned: Option<&LocalEntry>,
+    expected: Option<&LocalEntry>,
     progress: &Arc<dyn Progress>,
-) -> Result<Option<u64>, EngineError> {
+) -> Result<Option<Downloaded>, EngineError> {
     let dest = root.join(path);
     let dir = dest.parent().unwrap_or(root).to_path_buf();
     fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -719,17 +1148,30 @@ async fn download_one(
         .prefix(TEMP_PREFIX)
         .tempfile_in(&dir)
         .map_err(io_at(&dir))?;
-    let (file, tmp_path) = tmp.into_parts();
-    let mut file = file;
-    let mut received = 0u64;
+    let (mut file, tmp_path) = tmp.into_parts();
+    let mut got = Downloaded {
+        blocks_fetched: 0,
+        bytes_fetched: 0,
+        bytes_reused: 0,
+        block_lens: Vec::with_capacity(entry.blocks.len()),
+    };
     let mut blocks = stream::iter(entry.blocks.iter())
-        .map(|h| remote.get_block(h))
+        .map(|h| fetch_block(root, remote, sources, h))
         .buffered(DOWNLOAD_BLOCKS_PARALLELISM);
-    while let Some(bytes) = blocks.next().await {
-        let bytes = bytes?;
-        received += bytes.len() as u64;
+    let mut received = 0u64;
+    while let Some(block) = blocks.next().await {
+        let (bytes, reused) = block?;
+        let len = bytes.len() as u64;
+        received += len;
+        if reused {
+            got.bytes_reused += len;
+        } else {
+            got.blocks_fetched += 1;
+            got.bytes_fetched += len;
+        }
+        got.block_lens.push(bytes.len() as u32);
         file.write_all(&bytes).map_err(io_at(&dest))?;
-        progress.advance(bytes.len() as u64);
+        progress.advance(len);
     }
     if received != entry.size {
         return Err(EngineError::Remote(RemoteError::Protocol(format!(
@@ -744,11 +1186,10 @@ async fn download_one(
     file.set_modified(mtime).map_err(io_at(&dest))?;
     file.sync_all().map_err(io_at(&dest))?;
     drop(file);
-    // The last check before the rename: the destination must be as the scan saw it.
-    let current = now_stat(&dest);
-    if current.as_ref() != scanned {
+    // The last check before the rename: the destination must be as expected.
+    if now_stat(&dest).as_ref() != expected {
         return Ok(None);
     }
     tmp_path.persist(&dest).map_err(|e| io_at(&dest)(e.error))?;
-    Ok(Some(received))
+    Ok(Some(got))
 }

@@ -22,7 +22,8 @@ use super::App;
 use crate::protocol::{
     self as p, routes as r, CommitRequest, CommitResponse, DeleteRequest, DeleteResponse,
     InfoResponse, JournalQuery, JournalResponse, ListQuery, ListResponse, LoginRequest,
-    LoginResponse, MissingRequest, MissingResponse, MkdirRequest, PathQuery, PutBlockResponse,
+    LoginResponse, MissingRequest, MissingResponse, MkdirRequest, MoveRequest, PathQuery,
+    PutBlockResponse,
 };
 
 /// Request bodies larger than this are refused before they are read (a commit of a 50 GB file
@@ -42,6 +43,7 @@ pub fn router<M: MetaStore, B: BlobStore>(app: Arc<App<M, B>>) -> Router {
         .route(r::FILES_COMMIT, post(commit::<M, B>))
         .route(r::FILES_MKDIR, post(mkdir::<M, B>))
         .route(r::FILES_DELETE, post(delete::<M, B>))
+        .route(r::FILES_MOVE, post(move_path::<M, B>))
         .route(r::FILES_LIST, get(list::<M, B>))
         .route(r::FILES_META, get(meta::<M, B>))
         .route(r::JOURNAL, get(journal::<M, B>));
@@ -232,6 +234,26 @@ async fn delete<M: MetaStore, B: BlobStore>(
         .delete(caller.user.root_ns, &caller.actor(), &path, req.parent_rev)
         .await?;
     Ok(Json(DeleteResponse { cursor, deleted }))
+}
+
+async fn move_path<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<MoveRequest>,
+) -> ApiResult<Json<CommitResponse>> {
+    let from = p::normalize_path(&req.from)?;
+    let to = p::normalize_path(&req.to)?;
+    let (rev, cursor) = app
+        .store
+        .move_path(
+            caller.user.root_ns,
+            &caller.actor(),
+            &from,
+            &to,
+            req.parent_rev,
+        )
+        .await?;
+    Ok(Json(CommitResponse { rev, cursor }))
 }
 
 async fn list<M: MetaStore, B: BlobStore>(

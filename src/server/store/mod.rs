@@ -137,6 +137,16 @@ pub trait MetaStore: Send + Sync + 'static {
         path: &str,
         parent_rev: Option<i64>,
     ) -> impl Future<Output = StoreResult<(i64, u64)>> + Send;
+    /// Moves a file, or a folder and everything below it, to `to` (which must not exist).
+    /// One MOVE journal row per entry moved. Returns the moved entry's new revision and cursor.
+    fn move_path(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        from: &str,
+        to: &str,
+        parent_rev: Option<i64>,
+    ) -> impl Future<Output = StoreResult<(i64, i64)>> + Send;
     /// Entries below `path` (the whole subtree when `recursive`), with block lists, and the cursor
     /// they are consistent with.
     fn list(

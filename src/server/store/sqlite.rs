@@ -87,6 +87,7 @@ fn subtree_bounds(dir: &str) -> (String, String) {
 struct Change<'a> {
     op: JournalOp,
     path: &'a str,
+    old_path: Option<&'a str>,
     kind: EntryKind,
     size: u64,
     content_hash: Option<&'a str>,
@@ -132,14 +133,15 @@ impl SqliteStore {
                 .fetch_one(&mut **tx)
                 .await?;
         sqlx::query(
-            "INSERT INTO journal (ns, id, op, path, kind, size, content_hash, blocks, mtime,
-                                  executable, user_id, device, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO journal (ns, id, op, path, old_path, kind, size, content_hash, blocks,
+                                  mtime, executable, user_id, device, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(ns)
         .bind(id)
         .bind(c.op.as_str())
         .bind(c.path)
+        .bind(c.old_path)
         .bind(c.kind.as_str())
         .bind(c.size as i64)
         .bind(c.content_hash)
@@ -207,6 +209,7 @@ impl SqliteStore {
         let change = Change {
             op: JournalOp::Add,
             path: dir,
+            old_path: None,
             kind: EntryKind::Dir,
             size: 0,
             content_hash: None,
@@ -519,6 +522,7 @@ impl MetaStore for SqliteStore {
                 JournalOp::Add
             },
             path,
+            old_path: None,
             kind: EntryKind::File,
             size: req.size,
             content_hash: Some(&req.content_hash),
@@ -626,6 +630,7 @@ impl MetaStore for SqliteStore {
             let change = Change {
                 op: JournalOp::Delete,
                 path: p,
+                old_path: None,
                 kind: *k,
                 size: 0,
                 content_hash: None,
@@ -642,6 +647,90 @@ impl MetaStore for SqliteStore {
         }
         tx.commit().await?;
         Ok((head, doomed.len() as u64))
+    }
+
+    async fn move_path(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        from: &str,
+        to: &str,
+        parent_rev: Option<i64>,
+    ) -> StoreResult<(i64, i64)> {
+        if from.is_empty() || to.is_empty() {
+            return Err(StoreError::Invalid(
+                "the root folder cannot be moved".into(),
+            ));
+        }
+        if from == to || to.starts_with(&format!("{from}/")) {
+            return Err(StoreError::Invalid(format!(
+                "cannot move /{from} to /{to}: that is the same path or inside it"
+            )));
+        }
+        let mut tx = self.pool.begin().await?;
+        Self::lock_ns(&mut tx, ns).await?;
+        let Some((_, rev)) = Self::kind_at(&mut tx, ns, from).await? else {
+            return Err(StoreError::NotFound(format!(
+                "/{from} does not exist on the server"
+            )));
+        };
+        if parent_rev.is_some_and(|p| p != rev) {
+            return Err(StoreError::Conflict {
+                message: format!("/{from} changed on the server (now at revision {rev})"),
+                current_rev: Some(rev),
+            });
+        }
+        if Self::kind_at(&mut tx, ns, to).await?.is_some() {
+            return Err(StoreError::PathConflict(format!(
+                "/{to} already exists on the server"
+            )));
+        }
+        Self::ensure_ancestors(&mut tx, ns, actor, to).await?;
+        let (lo, hi) = subtree_bounds(from);
+        let rows = sqlx::query(
+            "SELECT * FROM files WHERE ns = ? AND (path = ? OR (path >= ? AND path < ?))
+             ORDER BY path",
+        )
+        .bind(ns)
+        .bind(from)
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut moved_rev = 0;
+        for r in &rows {
+            let e = entry_from_row(r)?;
+            let new_path = format!("{to}{}", &e.path[from.len()..]);
+            let blocks = join_blocks(&e.blocks);
+            let change = Change {
+                op: JournalOp::Move,
+                path: &new_path,
+                old_path: Some(&e.path),
+                kind: e.kind,
+                size: e.size,
+                content_hash: e.content_hash.as_deref(),
+                blocks: &blocks,
+                mtime: e.mtime,
+                executable: e.executable,
+            };
+            let id = Self::append(&mut tx, ns, actor, &change).await?;
+            if e.path == from {
+                moved_rev = id;
+            }
+            sqlx::query("UPDATE files SET path = ?, rev = ? WHERE ns = ? AND path = ?")
+                .bind(&new_path)
+                .bind(id)
+                .bind(ns)
+                .bind(&e.path)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let head: i64 = sqlx::query_scalar("SELECT head FROM namespaces WHERE id = ?")
+            .bind(ns)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((moved_rev, head))
     }
 
     async fn list(&self, ns: i64, path: &str, recursive: bool) -> StoreResult<(Vec<Entry>, i64)> {
