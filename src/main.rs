@@ -9,6 +9,9 @@ mod protocol;
 mod server;
 mod sqlite;
 
+#[cfg(test)]
+mod model_test;
+
 use std::process::ExitCode;
 
 use clap::Parser;

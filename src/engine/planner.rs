@@ -1,6 +1,6 @@
 //! The planner: a pure function of three trees (local, last synced, remote) and a direction,
 //! yielding the actions that bring the sides together. No I/O; output order is deterministic:
-//! moves, then deletes (deepest first), folder creations (shallowest first), conflict copies,
+//! moves, then deletes (deepest first), conflict copies, folder creations (shallowest first),
 //! then transfers and index updates, each group in path order.
 //!
 //! Rules that always hold:
@@ -127,8 +127,8 @@ impl Action {
         match self {
             Action::MoveRemote { .. } | Action::MoveLocal { .. } => 0,
             Action::DeleteRemote { .. } | Action::DeleteLocal { .. } => 1,
-            Action::MkdirRemote { .. } | Action::MkdirLocal { .. } => 2,
-            Action::ConflictCopy { .. } => 3,
+            Action::ConflictCopy { .. } => 2,
+            Action::MkdirRemote { .. } | Action::MkdirLocal { .. } => 3,
             _ => 4,
         }
     }
@@ -419,8 +419,10 @@ pub fn plan(
             path: path.clone(),
             reason: reason.to_string(),
         };
-        // Two-way: the server's version keeps the name, the local bytes become a copy.
-        let mut conflict_copy = |actions: &mut Vec<Action>, r: &Entry| {
+        // Two-way conflicts keep both sides: a local file is kept under a conflicted-copy name
+        // and the server's version takes the name; a local folder where the server has a file
+        // keeps the name and the server's file is moved aside on the server.
+        let mut resolve = |actions: &mut Vec<Action>, l: &LocalState, r: &Entry| {
             let copy = conflict_name(path, &opts.conflict_label, |c| {
                 local.contains_key(c)
                     || synced.contains_key(c)
@@ -428,11 +430,20 @@ pub fn plan(
                     || copies.contains(c)
             });
             copies.insert(copy.clone());
-            actions.push(Action::ConflictCopy {
-                path: path.clone(),
-                copy,
-            });
-            actions.push(create_local(path.clone(), r));
+            if l.kind == EntryKind::File {
+                actions.push(Action::ConflictCopy {
+                    path: path.clone(),
+                    copy,
+                });
+                actions.push(create_local(path.clone(), r));
+            } else {
+                actions.push(Action::MoveRemote {
+                    from: path.clone(),
+                    to: copy,
+                    rev: r.rev,
+                });
+                actions.push(Action::MkdirRemote { path: path.clone() });
+            }
         };
         let push = direction != Direction::Pull;
         let pull = direction != Direction::Push;
@@ -445,8 +456,8 @@ pub fn plan(
             (Some(l), None, Some(r)) => {
                 if same_local_remote(l, r) {
                     actions.push(Action::Record { path: p });
-                } else if direction == Direction::Both && l.kind == EntryKind::File {
-                    conflict_copy(&mut actions, r);
+                } else if direction == Direction::Both {
+                    resolve(&mut actions, l, r);
                 } else {
                     actions.push(one_way_conflict(if direction == Direction::Pull {
                         "a different local file is in the way"
@@ -515,8 +526,8 @@ pub fn plan(
                     (true, true) => {
                         if same_local_remote(l, r) {
                             actions.push(Action::Record { path: p });
-                        } else if direction == Direction::Both && l.kind == EntryKind::File {
-                            conflict_copy(&mut actions, r);
+                        } else if direction == Direction::Both {
+                            resolve(&mut actions, l, r);
                         } else {
                             actions
                                 .push(one_way_conflict("changed both locally and on the server"));
@@ -533,7 +544,7 @@ pub fn plan(
             let d = depth(x.path());
             let d = match x.phase() {
                 1 => usize::MAX - d,
-                2 => d,
+                3 => d,
                 _ => 0,
             };
             (x.phase(), d)

@@ -176,6 +176,24 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("blocking task panicked")
 }
 
+/// A file modified this recently may be modified again within the filesystem's timestamp
+/// granularity without its mtime changing ("racy clean", as git calls it).
+const RACY_NS: i64 = 2_000_000_000;
+
+/// The mtime to record in the index: the file's, unless it is so recent that a further write
+/// could leave it unchanged; then a value no stat matches, so the next run reads the file again.
+fn index_mtime(l: &LocalEntry) -> i64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(i64::MAX);
+    if now - l.mtime_ns < RACY_NS {
+        i64::MIN
+    } else {
+        l.mtime_ns
+    }
+}
+
 /// Whether a file's stat still matches what the index recorded (then it is not re-read).
 fn stat_matches(l: &LocalEntry, s: &SyncedEntry) -> bool {
     l.kind == s.kind
@@ -537,6 +555,27 @@ pub async fn run(
         report,
         progress: progress.clone(),
     };
+    // Files read again whose content is what the index holds (touched, or recorded while racy):
+    // refresh their stat so they are not read again next time.
+    for (path, d) in &ctx.digests {
+        if let (Some(s), Some(l)) = (synced.get(path), scan.tree.get(path)) {
+            if s.content_hash.as_deref() == Some(d.content_hash.as_str())
+                && s.executable == l.executable
+                && !stat_matches(l, s)
+            {
+                ctx.ops.push(IndexOp::Put(
+                    path.clone(),
+                    SyncedEntry {
+                        size: l.size,
+                        mtime_ns: index_mtime(l),
+                        inode: l.inode,
+                        block_lens: lens_of(d),
+                        ..s.clone()
+                    },
+                ));
+            }
+        }
+    }
     let result = ctx.apply(&plan.actions).await;
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ctx.ops).await?;
@@ -640,7 +679,7 @@ impl Apply<'_> {
                 ns: ROOT_NS,
                 kind: l.kind,
                 size: l.size,
-                mtime_ns: l.mtime_ns,
+                mtime_ns: index_mtime(&l),
                 inode: l.inode,
                 executable: l.executable,
                 content_hash: e.content_hash.clone(),
@@ -747,7 +786,7 @@ impl Apply<'_> {
                         self.ops.push(IndexOp::Put(
                             new,
                             SyncedEntry {
-                                mtime_ns: l.mtime_ns,
+                                mtime_ns: index_mtime(&l),
                                 inode: l.inode,
                                 rev,
                                 ..s
@@ -1003,7 +1042,7 @@ impl Apply<'_> {
                             ns: ROOT_NS,
                             kind: EntryKind::File,
                             size: l.size,
-                            mtime_ns: l.mtime_ns,
+                            mtime_ns: index_mtime(&l),
                             inode: l.inode,
                             executable: l.executable,
                             content_hash: Some(req.content_hash),
