@@ -1114,4 +1114,174 @@ mod tests {
         );
         assert_eq!(p.files_deleted(&rt), 3);
     }
+
+    /// Every combination of {unchanged, modified, deleted, moved} locally × on the server for a
+    /// synced file `f` (content "a", revision 1), two-way. Moves go to `h` locally and `g` on the
+    /// server. Each row: the local and remote change, then the actions, as (kind, path) pairs.
+    #[test]
+    fn two_way_change_matrix() {
+        #[derive(Clone, Copy, Debug)]
+        enum C {
+            Unchanged,
+            Modified,
+            Deleted,
+            Moved,
+        }
+        use C::*;
+        let side = |c: C, moved_to: &str, new_hash: &str| -> Vec<(String, LocalState)> {
+            match c {
+                Unchanged => vec![("f".into(), file("a"))],
+                Modified => vec![("f".into(), file(new_hash))],
+                Deleted => vec![],
+                Moved => vec![(moved_to.into(), file("a"))],
+            }
+        };
+        let rows: &[(C, C, &[(&str, &str)])] = &[
+            (Unchanged, Unchanged, &[]),
+            (Unchanged, Modified, &[("download", "f")]),
+            (Unchanged, Deleted, &[("delete_local", "f")]),
+            (Unchanged, Moved, &[("move_local", "g")]),
+            (Modified, Unchanged, &[("upload", "f")]),
+            (
+                Modified,
+                Modified,
+                &[("conflict_copy", "f"), ("download", "f")],
+            ),
+            (Modified, Deleted, &[("upload", "f")]),
+            (Modified, Moved, &[("upload", "f"), ("download", "g")]),
+            (Deleted, Unchanged, &[("delete_remote", "f")]),
+            (Deleted, Modified, &[("download", "f")]),
+            (Deleted, Deleted, &[("forget", "f")]),
+            (Deleted, Moved, &[("forget", "f"), ("download", "g")]),
+            (Moved, Unchanged, &[("move_remote", "h")]),
+            (Moved, Modified, &[("download", "f"), ("upload", "h")]),
+            (Moved, Deleted, &[("forget", "f"), ("upload", "h")]),
+            (
+                Moved,
+                Moved,
+                &[("forget", "f"), ("download", "g"), ("upload", "h")],
+            ),
+        ];
+        for (lc, rc, expected) in rows {
+            let local: LocalStates = side(*lc, "h", "b").into_iter().collect();
+            let remote: RemoteTree = side(*rc, "g", "c")
+                .into_iter()
+                .map(|(p, l)| {
+                    let rev = if matches!(rc, Unchanged) { 1 } else { 2 };
+                    (p.clone(), super::tests::remote(&p, &l, rev))
+                })
+                .collect();
+            let mut synced_ = SyncedTree::new();
+            synced_.insert("f".into(), synced(&file("a"), 1));
+            let acts = plan(
+                &local,
+                &synced_,
+                &remote,
+                Direction::Both,
+                &Options::default(),
+            )
+            .actions;
+            let got: Vec<(&str, &str)> = acts
+                .iter()
+                .map(|a| {
+                    let kind = match a {
+                        Action::MoveRemote { .. } => "move_remote",
+                        Action::MoveLocal { .. } => "move_local",
+                        Action::DeleteRemote { .. } => "delete_remote",
+                        Action::DeleteLocal { .. } => "delete_local",
+                        Action::MkdirRemote { .. } => "mkdir_remote",
+                        Action::MkdirLocal { .. } => "mkdir_local",
+                        Action::ConflictCopy { .. } => "conflict_copy",
+                        Action::Upload { .. } => "upload",
+                        Action::Download { .. } => "download",
+                        Action::Record { .. } => "record",
+                        Action::Forget { .. } => "forget",
+                        Action::Conflict { .. } => "conflict",
+                    };
+                    (kind, a.path())
+                })
+                .collect();
+            assert_eq!(&got[..], *expected, "local {lc:?} × remote {rc:?}");
+        }
+    }
+
+    /// Folders: deleted on one side while the other side added a file inside: the file and
+    /// the folder survive; deleted on one side and untouched on the other: gone everywhere.
+    #[test]
+    fn two_way_folder_matrix() {
+        let a = file("a");
+        let synced_ = [("d", dir()), ("d/x", a.clone())];
+        // deleted locally, a file added inside on the server
+        let remote_ = [("d", dir()), ("d/x", a.clone()), ("d/new", file("n"))];
+        let acts = tree_case(&[], &synced_, &remote_, Direction::Both);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DeleteRemote {
+                    path: "d/x".into(),
+                    rev: 1
+                },
+                Action::Download {
+                    path: "d/new".into()
+                }
+            ]
+        );
+        // deleted on the server, a file added inside locally
+        let local = [("d", dir()), ("d/x", a.clone()), ("d/mine", file("m"))];
+        let acts = tree_case(&local, &synced_, &[], Direction::Both);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DeleteLocal {
+                    path: "d/x".into(),
+                    kind: EntryKind::File
+                },
+                Action::Upload {
+                    path: "d/mine".into(),
+                    parent_rev: None
+                }
+            ]
+        );
+        // deleted on one side, untouched on the other
+        let acts = tree_case(&[], &synced_, &synced_, Direction::Both);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DeleteRemote {
+                    path: "d".into(),
+                    rev: 1
+                },
+                Action::Forget { path: "d/x".into() }
+            ]
+        );
+        let acts = tree_case(&synced_, &synced_, &[], Direction::Both);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DeleteLocal {
+                    path: "d/x".into(),
+                    kind: EntryKind::File
+                },
+                Action::DeleteLocal {
+                    path: "d".into(),
+                    kind: EntryKind::Dir
+                }
+            ]
+        );
+        // a local folder where the server now has a file: the server's file is moved aside
+        let local = [("p", dir())];
+        let remote_ = [("p", file("r"))];
+        let acts = tree_case(&local, &[], &remote_, Direction::Both);
+        assert_eq!(
+            acts,
+            vec![
+                Action::MoveRemote {
+                    from: "p".into(),
+                    to: "p (conflicted copy)".into(),
+                    rev: 1
+                },
+                Action::MkdirRemote { path: "p".into() }
+            ]
+        );
+    }
 }
