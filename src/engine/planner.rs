@@ -1136,7 +1136,8 @@ mod tests {
                 Moved => vec![(moved_to.into(), file("a"))],
             }
         };
-        let rows: &[(C, C, &[(&str, &str)])] = &[
+        type Row<'a> = (C, C, &'a [(&'a str, &'a str)]);
+        let rows: &[Row] = &[
             (Unchanged, Unchanged, &[]),
             (Unchanged, Modified, &[("download", "f")]),
             (Unchanged, Deleted, &[("delete_local", "f")]),
