@@ -80,29 +80,51 @@ fn print_report(report: &Report, printer: Printer, direction: Direction) {
         for a in &report.plan {
             printer.detail(describe(a));
         }
-        let up = format!(
-            "{} uploaded, sent {} in {} blocks ({} deduplicated)",
-            report.files_uploaded,
-            human_bytes(report.block_bytes_sent),
-            report.blocks_uploaded,
-            human_bytes(report.bytes_deduplicated),
-        );
-        let down = format!(
-            "{} downloaded, received {} in {} blocks ({} reused from local files)",
-            report.files_downloaded,
-            human_bytes(report.block_bytes_received),
-            report.blocks_downloaded,
-            human_bytes(report.bytes_reused),
-        );
-        let common = format!(
-            "{} moved, {} deleted, {} folders created",
-            report.files_moved, report.files_deleted, report.folders_created
-        );
-        printer.line(match direction {
-            Direction::Push => format!("Pushed: {up}; {common}"),
-            Direction::Pull => format!("Pulled: {down}; {common}"),
-            Direction::Both => format!("Synced: {up}; {down}; {common}"),
-        });
+        let mut parts = Vec::new();
+        if report.files_uploaded > 0 || report.block_bytes_sent > 0 {
+            parts.push(format!(
+                "{} uploaded ({} sent, {} deduplicated)",
+                report.files_uploaded,
+                human_bytes(report.block_bytes_sent),
+                human_bytes(report.bytes_deduplicated),
+            ));
+        }
+        if report.files_downloaded > 0 {
+            let reused = if report.bytes_reused > 0 {
+                format!(
+                    ", {} reused from local files",
+                    human_bytes(report.bytes_reused)
+                )
+            } else {
+                String::new()
+            };
+            parts.push(format!(
+                "{} downloaded ({} received{reused})",
+                report.files_downloaded,
+                human_bytes(report.block_bytes_received),
+            ));
+        }
+        for (n, what) in [
+            (report.files_moved, "moved"),
+            (report.files_deleted, "deleted"),
+            (report.folders_created, "folders created"),
+            (report.folders_deleted, "folders deleted"),
+            (report.conflict_copies.len() as u64, "conflicted copies"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        let verb = match direction {
+            Direction::Push => "Pushed",
+            Direction::Pull => "Pulled",
+            Direction::Both => "Synced",
+        };
+        if parts.is_empty() {
+            printer.line("Up to date.");
+        } else {
+            printer.line(format!("{verb}: {}", parts.join(", ")));
+        }
     }
     printer.json(report);
 }
