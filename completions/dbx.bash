@@ -52,6 +52,9 @@ _dbx() {
             dbx,sync)
                 cmd="dbx__subcmd__sync"
                 ;;
+            dbx,watch)
+                cmd="dbx__subcmd__watch"
+                ;;
             dbx__subcmd__admin,help)
                 cmd="dbx__subcmd__admin__subcmd__help"
                 ;;
@@ -151,6 +154,9 @@ _dbx() {
             dbx__subcmd__help,sync)
                 cmd="dbx__subcmd__help__subcmd__sync"
                 ;;
+            dbx__subcmd__help,watch)
+                cmd="dbx__subcmd__help__subcmd__watch"
+                ;;
             dbx__subcmd__help__subcmd__admin,user)
                 cmd="dbx__subcmd__help__subcmd__admin__subcmd__user"
                 ;;
@@ -176,7 +182,7 @@ _dbx() {
 
     case "${cmd}" in
         dbx)
-            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status ls completions help"
+            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status watch ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -612,7 +618,7 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__help)
-            opts="serve admin login logout init push pull sync status ls completions help"
+            opts="serve admin login logout init push pull sync status watch ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -877,6 +883,20 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dbx__subcmd__help__subcmd__watch)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dbx__subcmd__init)
             opts="-u -q -v -h -V --remote --server --user --json --quiet --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1112,6 +1132,20 @@ _dbx() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__watch)
+            opts="-q -v -h -V --json --quiet --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 *)
                     COMPREPLY=()
                     ;;

@@ -74,6 +74,8 @@ pub enum Command {
     Sync(TransferArgs),
     /// Show what `dbx sync` would do, changing nothing
     Status,
+    /// Sync continuously: on local changes and on changes from other devices
+    Watch(WatchArgs),
     /// List files on the server
     Ls(LsArgs),
     /// Print a shell completion script (e.g. `dbx completions bash > /etc/bash_completion.d/dbx`)
@@ -178,6 +180,12 @@ pub struct TransferArgs {
     /// files that are also more than half of the folder)
     #[arg(long, value_name = "N")]
     pub max_delete: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The synced folder (default: the one holding the current directory)
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

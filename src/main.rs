@@ -59,7 +59,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
+    // `serve` and `watch` stop cleanly on their own on Ctrl-C and SIGTERM.
+    let handles_signals = matches!(cli.command, cli::Command::Serve(_) | cli::Command::Watch(_));
     let code = runtime.block_on(async {
+        if handles_signals {
+            return match commands::run(cli).await {
+                Ok(code) => code,
+                Err(e) => report(&e),
+            };
+        }
         tokio::select! {
             r = commands::run(cli) => match r {
                 Ok(code) => code,

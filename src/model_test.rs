@@ -268,6 +268,7 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         direction: Direction::Both,
         dry_run: false,
         max_delete: Some(usize::MAX),
+        settle: None,
     };
     let progress: Arc<dyn crate::engine::Progress> = Arc::new(NoProgress);
     for _ in 0..STEPS {

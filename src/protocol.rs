@@ -33,6 +33,7 @@ pub mod routes {
     pub const FILES_LIST: &str = "/files/list";
     pub const FILES_META: &str = "/files/meta";
     pub const JOURNAL: &str = "/journal";
+    pub const LONGPOLL: &str = "/longpoll";
 
     /// The URL path of one block.
     pub fn block(hash: &str) -> String {
@@ -308,6 +309,27 @@ pub struct JournalResponse {
     pub entries: Vec<JournalEntry>,
     pub cursor: i64,
     pub has_more: bool,
+}
+
+/// The longest a long poll may be held, in seconds.
+pub const MAX_LONGPOLL_SECS: u64 = 60;
+/// How long a long poll is held when the client does not say.
+pub const DEFAULT_LONGPOLL_SECS: u64 = 30;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LongpollQuery {
+    pub cursor: i64,
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// Only says whether something changed after the cursor; the client then reads the journal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LongpollResponse {
+    pub changes: bool,
+    /// Seconds the client should wait before its next long poll (the server is busy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<u64>,
 }
 
 /// The one error body every API error carries.

@@ -7,6 +7,7 @@ mod login;
 mod ls;
 mod serve;
 mod transfer;
+mod watch;
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -57,6 +58,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             transfer::run(args, &g, printer, Direction::Both).await
         }
         Command::Ls(a) => ls::run(a, &g, printer).await,
+        Command::Watch(a) => watch::run(a, &g, printer).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "dbx", &mut std::io::stdout());
@@ -133,4 +135,20 @@ fn open_folder(g: &GlobalArgs) -> Result<(Folder, Remote)> {
     let folder = Folder::find(&start_dir(g)?)?;
     let remote = connect(&folder.config.server, &folder.config.user)?;
     Ok((folder, remote))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
 }

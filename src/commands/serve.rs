@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use super::shutdown_signal;
 use crate::cli::ServeArgs;
 use crate::output::Printer;
 use crate::server;
@@ -31,25 +32,11 @@ pub async fn run(args: ServeArgs, printer: Printer) -> Result<u8> {
     ));
     printer.json_line(&json!({"event": "listening", "url": url, "data": args.data}));
     tracing::info!(%addr, "listening");
-    server::serve(app, listener, shutdown_signal()).await?;
+    server::serve(app, listener, async {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(crate::exit::OK)
-}
-
-/// Resolves on Ctrl-C or SIGTERM: in-flight requests then finish before the server stops.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }

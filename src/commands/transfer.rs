@@ -22,11 +22,18 @@ pub async fn run(
     direction: Direction,
 ) -> Result<u8> {
     let (folder, remote) = open_folder(g)?;
+    // Only one process changes a folder at a time; `status` only reads.
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(crate::engine::lock::lock(&folder.root)?)
+    };
     let progress: Arc<dyn crate::engine::Progress> = Arc::from(printer.progress());
     let opts = SyncOptions {
         direction,
         dry_run: args.dry_run,
         max_delete: args.max_delete,
+        settle: None,
     };
     let mut report = sync::run(&folder, &remote, &opts, progress.clone()).await?;
     let mut passes = 1;

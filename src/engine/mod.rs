@@ -5,10 +5,12 @@
 pub mod chunker;
 pub mod config;
 pub mod index;
+pub mod lock;
 pub mod planner;
 pub mod remote;
 pub mod scanner;
 pub mod sync;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -40,6 +42,8 @@ pub enum EngineError {
     Remote(#[from] RemoteError),
     #[error(transparent)]
     State(#[from] config::StateError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     #[error("the folder's index (.dbx/index.db): {0}")]
     Index(#[from] sqlx::Error),
     #[error("{path}: {source}")]

@@ -264,6 +264,16 @@ impl Remote {
         .await
     }
 
+    /// Waits (up to `timeout` seconds) until the journal grows past `cursor`.
+    pub async fn longpoll(&self, cursor: i64, timeout: u64) -> RemoteResult<p::LongpollResponse> {
+        self.json(
+            self.request(Method::GET, r::LONGPOLL)
+                .timeout(Duration::from_secs(timeout + 30))
+                .query(&[("cursor", cursor), ("timeout", timeout as i64)]),
+        )
+        .await
+    }
+
     pub async fn list(&self, path: &str, recursive: bool) -> RemoteResult<ListResponse> {
         let recursive = if recursive { "true" } else { "false" };
         self.json(

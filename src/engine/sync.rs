@@ -161,6 +161,9 @@ pub struct SyncOptions {
     /// Stop before deleting more than this many files (default: more than 100 files and more
     /// than half of the folder).
     pub max_delete: Option<usize>,
+    /// Leave alone local files modified less than this long ago (still being written); the
+    /// report then asks for a retry.
+    pub settle: Option<Duration>,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
@@ -474,7 +477,7 @@ pub async fn run(
             l.content_hash = Some(hash.clone());
         }
     }
-    let plan = planner::plan(
+    let mut plan = planner::plan(
         &local,
         &synced,
         &remote_tree,
@@ -484,6 +487,28 @@ pub async fn run(
             conflict_label: conflict_label(),
         },
     );
+    let mut unsettled = false;
+    if let Some(settle) = opts.settle {
+        // Files still being written: nothing touches them this pass.
+        let cutoff = SystemTime::now()
+            .checked_sub(settle)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i64);
+        let busy = |p: &str| {
+            scan.tree
+                .get(p)
+                .is_some_and(|l| l.kind == EntryKind::File && l.mtime_ns > cutoff)
+        };
+        let before = plan.actions.len();
+        plan.actions.retain(|a| {
+            let from_busy = match a {
+                Action::MoveRemote { from, .. } | Action::MoveLocal { from, .. } => busy(from),
+                _ => false,
+            };
+            !busy(a.path()) && !from_busy
+        });
+        unsettled = plan.actions.len() != before;
+    }
     if scan.incomplete && opts.direction != Direction::Pull {
         report
             .warnings
@@ -555,6 +580,7 @@ pub async fn run(
         report,
         progress: progress.clone(),
     };
+    ctx.report.retry |= unsettled;
     // Files read again whose content is what the index holds (touched, or recorded while racy):
     // refresh their stat so they are not read again next time.
     for (path, d) in &ctx.digests {

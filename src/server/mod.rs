@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod blobs;
 pub mod error;
+pub mod notify;
 pub mod routes;
 pub mod store;
 
@@ -22,8 +23,11 @@ use store::{MetaStore, SqliteStore, StoreError};
 pub struct App<M, B> {
     pub store: M,
     pub blobs: B,
+    pub hub: Arc<dyn notify::NotifyHub>,
     pub chunk: ChunkParams,
     pub epoch: String,
+    /// Long polls being held right now.
+    pub polls: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +57,10 @@ pub async fn open_default(data: &Path) -> Result<DefaultApp, OpenError> {
     Ok(App {
         store,
         blobs,
+        hub: Arc::new(notify::LocalHub::default()),
         chunk: ChunkParams::DEFAULT,
         epoch,
+        polls: Default::default(),
     })
 }
 

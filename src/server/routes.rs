@@ -22,14 +22,18 @@ use super::App;
 use crate::protocol::{
     self as p, routes as r, CommitRequest, CommitResponse, DeleteRequest, DeleteResponse,
     InfoResponse, JournalQuery, JournalResponse, ListQuery, ListResponse, LoginRequest,
-    LoginResponse, MissingRequest, MissingResponse, MkdirRequest, MoveRequest, PathQuery,
-    PutBlockResponse,
+    LoginResponse, LongpollQuery, LongpollResponse, MissingRequest, MissingResponse, MkdirRequest,
+    MoveRequest, PathQuery, PutBlockResponse,
 };
 
 /// Request bodies larger than this are refused before they are read (a commit of a 50 GB file
 /// lists ~50,000 block ids, about 3.3 MB of JSON).
 const MAX_BODY_BYTES: usize = 64 << 20;
 const DEFAULT_JOURNAL_PAGE: u32 = 1000;
+/// Past this many long polls held at once, new ones are answered at once with a backoff.
+const MAX_HELD_POLLS: usize = 100_000;
+/// The backoff, in seconds, a busy server asks for.
+const BUSY_BACKOFF_SECS: u64 = 15;
 const MAX_JOURNAL_PAGE: u32 = 10_000;
 
 type AppState<M, B> = State<Arc<App<M, B>>>;
@@ -46,7 +50,8 @@ pub fn router<M: MetaStore, B: BlobStore>(app: Arc<App<M, B>>) -> Router {
         .route(r::FILES_MOVE, post(move_path::<M, B>))
         .route(r::FILES_LIST, get(list::<M, B>))
         .route(r::FILES_META, get(meta::<M, B>))
-        .route(r::JOURNAL, get(journal::<M, B>));
+        .route(r::JOURNAL, get(journal::<M, B>))
+        .route(r::LONGPOLL, get(longpoll::<M, B>));
     Router::new()
         .nest(p::API_PREFIX, api)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -203,10 +208,10 @@ async fn commit<M: MetaStore, B: BlobStore>(
     for h in &req.blocks {
         check_hash(h)?;
     }
-    let (rev, cursor) = app
-        .store
-        .commit_file(caller.user.root_ns, &caller.actor(), &req)
-        .await?;
+    let ns = caller.user.root_ns;
+    let (rev, cursor) = app.store.commit_file(ns, &caller.actor(), &req).await?;
+    // The journal row is committed: only now may long polls wake.
+    app.hub.publish(ns, cursor);
     Ok(Json(CommitResponse { rev, cursor }))
 }
 
@@ -216,10 +221,9 @@ async fn mkdir<M: MetaStore, B: BlobStore>(
     Json(req): Json<MkdirRequest>,
 ) -> ApiResult<Json<CommitResponse>> {
     let path = p::normalize_path(&req.path)?;
-    let (rev, cursor) = app
-        .store
-        .mkdir(caller.user.root_ns, &caller.actor(), &path)
-        .await?;
+    let ns = caller.user.root_ns;
+    let (rev, cursor) = app.store.mkdir(ns, &caller.actor(), &path).await?;
+    app.hub.publish(ns, cursor);
     Ok(Json(CommitResponse { rev, cursor }))
 }
 
@@ -229,10 +233,12 @@ async fn delete<M: MetaStore, B: BlobStore>(
     Json(req): Json<DeleteRequest>,
 ) -> ApiResult<Json<DeleteResponse>> {
     let path = p::normalize_path(&req.path)?;
+    let ns = caller.user.root_ns;
     let (cursor, deleted) = app
         .store
-        .delete(caller.user.root_ns, &caller.actor(), &path, req.parent_rev)
+        .delete(ns, &caller.actor(), &path, req.parent_rev)
         .await?;
+    app.hub.publish(ns, cursor);
     Ok(Json(DeleteResponse { cursor, deleted }))
 }
 
@@ -299,5 +305,63 @@ async fn journal<M: MetaStore, B: BlobStore>(
         entries,
         cursor,
         has_more,
+    }))
+}
+
+/// Counts a held long poll for as long as it lives.
+struct Held<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn longpoll<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Query(q): Query<LongpollQuery>,
+) -> ApiResult<Json<LongpollResponse>> {
+    let held = app.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _held = Held(&app.polls);
+    if held >= MAX_HELD_POLLS {
+        return Ok(Json(LongpollResponse {
+            changes: false,
+            backoff: Some(BUSY_BACKOFF_SECS),
+        }));
+    }
+    let timeout = q
+        .timeout
+        .unwrap_or(p::DEFAULT_LONGPOLL_SECS)
+        .min(p::MAX_LONGPOLL_SECS);
+    let ns = caller.user.root_ns;
+    // Subscribe first, compare second: a commit between the two still wakes this poll.
+    let mut rx = app.hub.subscribe(ns);
+    let head = app.store.head(ns).await?;
+    // A cursor ahead of the head means the server was replaced: the client must look too.
+    if head != q.cursor {
+        return Ok(Json(LongpollResponse {
+            changes: true,
+            backoff: None,
+        }));
+    }
+    let deadline = tokio::time::sleep(std::time::Duration::from_secs(timeout));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if *rx.borrow_and_update() > q.cursor {
+                    return Ok(Json(LongpollResponse { changes: true, backoff: None }));
+                }
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    Ok(Json(LongpollResponse {
+        changes: false,
+        backoff: None,
     }))
 }

@@ -61,6 +61,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// A random id made when the metadata was created; clients notice a restore or a rebuild.
     fn epoch(&self) -> impl Future<Output = StoreResult<String>> + Send;
 
+    /// The id of the namespace's newest journal row (0 when empty).
+    fn head(&self, ns: i64) -> impl Future<Output = StoreResult<i64>> + Send;
+
     fn user_count(&self) -> impl Future<Output = StoreResult<i64>> + Send;
     /// Creates a user and its root namespace.
     fn create_user(

@@ -226,16 +226,6 @@ impl SqliteStore {
             .await?;
         Ok(())
     }
-
-    async fn head(&self, ns: i64) -> StoreResult<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT head FROM namespaces WHERE id = ?")
-                .bind(ns)
-                .fetch_optional(&self.pool)
-                .await?
-                .unwrap_or(0),
-        )
-    }
 }
 
 impl MetaStore for SqliteStore {
@@ -244,6 +234,16 @@ impl MetaStore for SqliteStore {
             sqlx::query_scalar("SELECT value FROM server_meta WHERE key = 'epoch'")
                 .fetch_one(&self.pool)
                 .await?,
+        )
+    }
+
+    async fn head(&self, ns: i64) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT head FROM namespaces WHERE id = ?")
+                .bind(ns)
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or(0),
         )
     }
 
