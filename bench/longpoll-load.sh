@@ -7,7 +7,7 @@ N=${1:-10000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 cargo build --release --quiet --bin dbx --example longpoll_load
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # each process holds N sockets
 W=$(mktemp -d)
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$W"' EXIT
 DBX=target/release/dbx
