@@ -25,6 +25,9 @@ _dbx() {
             dbx,help)
                 cmd="dbx__subcmd__help"
                 ;;
+            dbx,history)
+                cmd="dbx__subcmd__history"
+                ;;
             dbx,init)
                 cmd="dbx__subcmd__init"
                 ;;
@@ -43,6 +46,9 @@ _dbx() {
             dbx,push)
                 cmd="dbx__subcmd__push"
                 ;;
+            dbx,restore)
+                cmd="dbx__subcmd__restore"
+                ;;
             dbx,serve)
                 cmd="dbx__subcmd__serve"
                 ;;
@@ -55,11 +61,23 @@ _dbx() {
             dbx,watch)
                 cmd="dbx__subcmd__watch"
                 ;;
+            dbx__subcmd__admin,fsck)
+                cmd="dbx__subcmd__admin__subcmd__fsck"
+                ;;
+            dbx__subcmd__admin,gc)
+                cmd="dbx__subcmd__admin__subcmd__gc"
+                ;;
             dbx__subcmd__admin,help)
                 cmd="dbx__subcmd__admin__subcmd__help"
                 ;;
             dbx__subcmd__admin,user)
                 cmd="dbx__subcmd__admin__subcmd__user"
+                ;;
+            dbx__subcmd__admin__subcmd__help,fsck)
+                cmd="dbx__subcmd__admin__subcmd__help__subcmd__fsck"
+                ;;
+            dbx__subcmd__admin__subcmd__help,gc)
+                cmd="dbx__subcmd__admin__subcmd__help__subcmd__gc"
                 ;;
             dbx__subcmd__admin__subcmd__help,help)
                 cmd="dbx__subcmd__admin__subcmd__help__subcmd__help"
@@ -127,6 +145,9 @@ _dbx() {
             dbx__subcmd__help,help)
                 cmd="dbx__subcmd__help__subcmd__help"
                 ;;
+            dbx__subcmd__help,history)
+                cmd="dbx__subcmd__help__subcmd__history"
+                ;;
             dbx__subcmd__help,init)
                 cmd="dbx__subcmd__help__subcmd__init"
                 ;;
@@ -145,6 +166,9 @@ _dbx() {
             dbx__subcmd__help,push)
                 cmd="dbx__subcmd__help__subcmd__push"
                 ;;
+            dbx__subcmd__help,restore)
+                cmd="dbx__subcmd__help__subcmd__restore"
+                ;;
             dbx__subcmd__help,serve)
                 cmd="dbx__subcmd__help__subcmd__serve"
                 ;;
@@ -156,6 +180,12 @@ _dbx() {
                 ;;
             dbx__subcmd__help,watch)
                 cmd="dbx__subcmd__help__subcmd__watch"
+                ;;
+            dbx__subcmd__help__subcmd__admin,fsck)
+                cmd="dbx__subcmd__help__subcmd__admin__subcmd__fsck"
+                ;;
+            dbx__subcmd__help__subcmd__admin,gc)
+                cmd="dbx__subcmd__help__subcmd__admin__subcmd__gc"
                 ;;
             dbx__subcmd__help__subcmd__admin,user)
                 cmd="dbx__subcmd__help__subcmd__admin__subcmd__user"
@@ -182,7 +212,7 @@ _dbx() {
 
     case "${cmd}" in
         dbx)
-            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status watch ls completions help"
+            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status watch history restore ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -204,7 +234,7 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__admin)
-            opts="-q -v -C -h -V --data --json --quiet --verbose --dir --help --version user help"
+            opts="-q -v -C -h -V --data --json --quiet --verbose --dir --help --version user gc fsck help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -229,9 +259,101 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        dbx__subcmd__admin__subcmd__help)
-            opts="user help"
+        dbx__subcmd__admin__subcmd__fsck)
+            opts="-q -v -C -h -V --read-data --retention --data --json --quiet --verbose --dir --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --retention)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__admin__subcmd__gc)
+            opts="-n -q -v -C -h -V --dry-run --retention --grace --data --json --quiet --verbose --dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --retention)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --grace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__admin__subcmd__help)
+            opts="user gc fsck help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__admin__subcmd__help__subcmd__fsck)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__admin__subcmd__help__subcmd__gc)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -618,7 +740,7 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__help)
-            opts="serve admin login logout init push pull sync status watch ls completions help"
+            opts="serve admin login logout init push pull sync status watch history restore ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -632,8 +754,36 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__help__subcmd__admin)
-            opts="user"
+            opts="user gc fsck"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__help__subcmd__admin__subcmd__fsck)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__help__subcmd__admin__subcmd__gc)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -757,6 +907,20 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dbx__subcmd__help__subcmd__history)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dbx__subcmd__help__subcmd__init)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -841,6 +1005,20 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dbx__subcmd__help__subcmd__restore)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dbx__subcmd__help__subcmd__serve)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -890,6 +1068,32 @@ _dbx() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__history)
+            opts="-q -v -C -h -V --all --limit --json --quiet --verbose --dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1061,8 +1265,38 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dbx__subcmd__restore)
+            opts="-n -q -v -C -h -V --rev --at --dry-run --json --quiet --verbose --dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --rev)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --at)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dbx__subcmd__serve)
-            opts="-q -v -C -h -V --listen --data --json --quiet --verbose --dir --help --version"
+            opts="-q -v -C -h -V --listen --data --retention --json --quiet --verbose --dir --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1073,6 +1307,10 @@ _dbx() {
                     return 0
                     ;;
                 --data)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --retention)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

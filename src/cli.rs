@@ -76,6 +76,10 @@ pub enum Command {
     Status,
     /// Sync continuously: on local changes and on changes from other devices
     Watch(WatchArgs),
+    /// Every revision of a file (or, with --all, the recent changes in a folder)
+    History(HistoryArgs),
+    /// Bring back a revision of a file, or rewind a folder to a moment
+    Restore(RestoreArgs),
     /// List files on the server
     Ls(LsArgs),
     /// Print a shell completion script (e.g. `dbx completions bash > /etc/bash_completion.d/dbx`)
@@ -93,6 +97,9 @@ pub struct ServeArgs {
     /// Data directory: SQLite `meta.db` and `blocks/`
     #[arg(long, default_value = "./dbx-data", env = "DBX_DATA")]
     pub data: PathBuf,
+    /// Keep every version of every file this many days (`dbx admin gc` frees older ones)
+    #[arg(long, value_name = "DAYS")]
+    pub retention: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +116,28 @@ pub enum AdminCommand {
     /// Manage users
     #[command(subcommand)]
     User(UserCommand),
+    /// Delete blocks no retained version references (safe while the server runs)
+    Gc {
+        /// Report what would be freed, delete nothing
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Versions are kept this many days (default: the server's `--retention`, else 180)
+        #[arg(long, value_name = "DAYS")]
+        retention: Option<f64>,
+        /// Uploaded blocks not yet committed are kept this many hours
+        #[arg(long, value_name = "HOURS", default_value_t = 24.0)]
+        grace: f64,
+    },
+    /// Check that every block of every retained version exists (and, with --read-data, is
+    /// intact); changes nothing
+    Fsck {
+        /// Read and hash every block, not only check it exists
+        #[arg(long)]
+        read_data: bool,
+        /// Versions are kept this many days (default: the server's `--retention`, else 180)
+        #[arg(long, value_name = "DAYS")]
+        retention: Option<f64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +209,35 @@ pub struct TransferArgs {
     /// files that are also more than half of the folder)
     #[arg(long, value_name = "N")]
     pub max_delete: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// A file (local path, or server path starting with `/`); with --all, a folder
+    pub path: Option<String>,
+    /// Show the journal of the folder (default: the synced folder) instead of one file
+    #[arg(long)]
+    pub all: bool,
+    /// Show at most N entries
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("when").required(true).args(["rev", "at"])))]
+pub struct RestoreArgs {
+    /// A file (with --rev) or folder (with --at): local path, or server path starting with `/`
+    pub path: String,
+    /// The revision to bring back (see `dbx history`)
+    #[arg(long)]
+    pub rev: Option<i64>,
+    /// Rewind everything below PATH to this moment: RFC 3339 (2026-11-26T10:00:00Z) or
+    /// "2 hours ago"
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Print the plan, change nothing
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

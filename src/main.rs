@@ -8,6 +8,7 @@ mod output;
 mod protocol;
 mod server;
 mod sqlite;
+mod timefmt;
 
 #[cfg(test)]
 mod model_test;

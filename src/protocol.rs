@@ -34,6 +34,8 @@ pub mod routes {
     pub const FILES_META: &str = "/files/meta";
     pub const JOURNAL: &str = "/journal";
     pub const LONGPOLL: &str = "/longpoll";
+    pub const FILES_HISTORY: &str = "/files/history";
+    pub const FILES_RESTORE: &str = "/files/restore";
 
     /// The URL path of one block.
     pub fn block(hash: &str) -> String {
@@ -309,6 +311,26 @@ pub struct JournalResponse {
     pub entries: Vec<JournalEntry>,
     pub cursor: i64,
     pub has_more: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryQuery {
+    pub path: String,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// Every journal row that touched a path, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub entries: Vec<JournalEntry>,
+}
+
+/// Makes revision `rev` of `path` its current content (a new RESTORE journal row).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub path: String,
+    pub rev: i64,
 }
 
 /// The longest a long poll may be held, in seconds.

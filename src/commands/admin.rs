@@ -7,8 +7,11 @@ use serde_json::json;
 use super::{fail, read_password};
 use crate::cli::{AdminArgs, AdminCommand, UserCommand};
 use crate::exit;
+use crate::output::human_bytes;
 use crate::output::Printer;
 use crate::server::auth;
+use crate::server::blobs::FsBlobStore;
+use crate::server::maintenance;
 use crate::server::store::{MetaStore, SqliteStore, StoreError};
 
 fn valid_name(name: &str) -> bool {
@@ -17,6 +20,19 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Retention in seconds: the flag, else what `dbx serve --retention` recorded, else 180 days.
+async fn retention_secs(store: &SqliteStore, days: Option<f64>) -> Result<i64> {
+    let days = match days {
+        Some(d) => d,
+        None => store
+            .setting("retention_days")
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::server::DEFAULT_RETENTION_DAYS),
+    };
+    Ok((days * 86_400.0) as i64)
 }
 
 fn store_err(e: StoreError) -> anyhow::Error {
@@ -33,7 +49,64 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
     let store = SqliteStore::open(&args.data.join("meta.db"))
         .await
         .with_context(|| format!("cannot open the metadata in {}", args.data.display()))?;
-    let AdminCommand::User(cmd) = args.command;
+    let cmd = match args.command {
+        AdminCommand::User(cmd) => cmd,
+        AdminCommand::Gc {
+            dry_run,
+            retention,
+            grace,
+        } => {
+            let retention = retention_secs(&store, retention).await?;
+            let blobs = FsBlobStore::open(&args.data.join("blocks"))?;
+            let report =
+                maintenance::gc(&store, &blobs, retention, (grace * 3600.0) as i64, dry_run)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            printer.line(format!(
+                "{} {} blocks, {}",
+                if dry_run { "Would free" } else { "Freed" },
+                report.blocks_freed,
+                human_bytes(report.bytes_freed)
+            ));
+            printer.json(&report);
+            return Ok(exit::OK);
+        }
+        AdminCommand::Fsck {
+            read_data,
+            retention,
+        } => {
+            let retention = retention_secs(&store, retention).await?;
+            let blobs = FsBlobStore::open_existing(&args.data.join("blocks"));
+            let report = maintenance::fsck(&store, &blobs, retention, read_data).await??;
+            for d in &report.damage {
+                eprintln!(
+                    "damaged: {} (revision {}): block {} is {:?}",
+                    d.path, d.rev, d.block, d.health
+                );
+            }
+            printer.line(format!(
+                "Checked {} blocks of {} versions{}: {}",
+                report.blocks_checked,
+                report.versions_checked,
+                if read_data {
+                    ", reading every byte"
+                } else {
+                    " (existence only; --read-data hashes them)"
+                },
+                if report.damage.is_empty() {
+                    "no damage".to_string()
+                } else {
+                    format!("{} damaged", report.damage.len())
+                }
+            ));
+            printer.json(&report);
+            return Ok(if report.damage.is_empty() {
+                exit::OK
+            } else {
+                exit::ERROR
+            });
+        }
+    };
     match cmd {
         UserCommand::Add {
             name,

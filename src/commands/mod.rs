@@ -2,9 +2,11 @@
 //! prints the outcome through the [`Printer`].
 
 mod admin;
+mod history;
 mod init;
 mod login;
 mod ls;
+mod restore;
 mod serve;
 mod transfer;
 mod watch;
@@ -59,6 +61,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Ls(a) => ls::run(a, &g, printer).await,
         Command::Watch(a) => watch::run(a, &g, printer).await,
+        Command::History(a) => history::run(a, &g, printer).await,
+        Command::Restore(a) => restore::run(a, &g, printer).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "dbx", &mut std::io::stdout());
@@ -151,4 +155,40 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
     }
+}
+
+/// A path argument as a server path: `/x` is a server path; anything else is a local path,
+/// relative to the current directory, inside the synced folder.
+fn server_path(folder: &Folder, g: &GlobalArgs, arg: &str) -> Result<String> {
+    if arg.starts_with('/') {
+        return crate::protocol::normalize_path(arg)
+            .map_err(|e| fail(exit::USAGE, format!("{arg}: {e}")));
+    }
+    let mut abs = start_dir(g)?.canonicalize()?;
+    for part in std::path::Path::new(arg).components() {
+        match part {
+            std::path::Component::ParentDir => {
+                abs.pop();
+            }
+            std::path::Component::Normal(p) => abs.push(p),
+            _ => {}
+        }
+    }
+    let rel = abs.strip_prefix(&folder.root).map_err(|_| {
+        fail(
+            exit::USAGE,
+            format!(
+                "{arg} is outside the synced folder {}",
+                folder.root.display()
+            ),
+        )
+    })?;
+    let rel = rel
+        .to_str()
+        .ok_or_else(|| fail(exit::USAGE, format!("{arg}: not valid UTF-8")))?;
+    let remote = crate::protocol::normalize_path(&folder.config.remote)
+        .map_err(|e| fail(exit::ERROR, format!("the folder's remote path: {e}")))?;
+    let rel = crate::protocol::normalize_path(rel)
+        .map_err(|e| fail(exit::USAGE, format!("{arg}: {e}")))?;
+    Ok(crate::protocol::join_path(&remote, &rel))
 }

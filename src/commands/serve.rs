@@ -12,6 +12,11 @@ pub async fn run(args: ServeArgs, printer: Printer) -> Result<u8> {
     let app = server::open_default(&args.data)
         .await
         .with_context(|| format!("cannot start on data directory {}", args.data.display()))?;
+    if let Some(days) = args.retention {
+        app.store
+            .set_setting("retention_days", &days.to_string())
+            .await?;
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

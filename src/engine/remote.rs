@@ -274,6 +274,25 @@ impl Remote {
         .await
     }
 
+    pub async fn history(&self, path: &str, limit: u32) -> RemoteResult<p::HistoryResponse> {
+        self.json(
+            self.request(Method::GET, r::FILES_HISTORY)
+                .query(&[("path", path.to_string()), ("limit", limit.to_string())]),
+        )
+        .await
+    }
+
+    pub async fn restore(&self, path: &str, rev: i64) -> RemoteResult<CommitResponse> {
+        self.post(
+            r::FILES_RESTORE,
+            &p::RestoreRequest {
+                path: path.to_string(),
+                rev,
+            },
+        )
+        .await
+    }
+
     pub async fn list(&self, path: &str, recursive: bool) -> RemoteResult<ListResponse> {
         let recursive = if recursive { "true" } else { "false" };
         self.json(

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod blobs;
 pub mod error;
+pub mod maintenance;
 pub mod notify;
 pub mod routes;
 pub mod store;
@@ -40,6 +41,9 @@ pub enum OpenError {
     #[error("cannot open the metadata database: {0}")]
     Store(#[from] StoreError),
 }
+
+/// How long versions are kept when nobody says.
+pub const DEFAULT_RETENTION_DAYS: f64 = 180.0;
 
 /// The embedded default: SQLite `meta.db` and `blocks/` under `data`.
 pub type DefaultApp = App<SqliteStore, FsBlobStore>;

@@ -21,9 +21,9 @@ use super::store::MetaStore;
 use super::App;
 use crate::protocol::{
     self as p, routes as r, CommitRequest, CommitResponse, DeleteRequest, DeleteResponse,
-    InfoResponse, JournalQuery, JournalResponse, ListQuery, ListResponse, LoginRequest,
-    LoginResponse, LongpollQuery, LongpollResponse, MissingRequest, MissingResponse, MkdirRequest,
-    MoveRequest, PathQuery, PutBlockResponse,
+    HistoryQuery, HistoryResponse, InfoResponse, JournalQuery, JournalResponse, ListQuery,
+    ListResponse, LoginRequest, LoginResponse, LongpollQuery, LongpollResponse, MissingRequest,
+    MissingResponse, MkdirRequest, MoveRequest, PathQuery, PutBlockResponse, RestoreRequest,
 };
 
 /// Request bodies larger than this are refused before they are read (a commit of a 50 GB file
@@ -51,7 +51,9 @@ pub fn router<M: MetaStore, B: BlobStore>(app: Arc<App<M, B>>) -> Router {
         .route(r::FILES_LIST, get(list::<M, B>))
         .route(r::FILES_META, get(meta::<M, B>))
         .route(r::JOURNAL, get(journal::<M, B>))
-        .route(r::LONGPOLL, get(longpoll::<M, B>));
+        .route(r::LONGPOLL, get(longpoll::<M, B>))
+        .route(r::FILES_HISTORY, get(history::<M, B>))
+        .route(r::FILES_RESTORE, post(restore::<M, B>));
     Router::new()
         .nest(p::API_PREFIX, api)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -364,4 +366,35 @@ async fn longpoll<M: MetaStore, B: BlobStore>(
         changes: false,
         backoff: None,
     }))
+}
+
+async fn history<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<Json<HistoryResponse>> {
+    let path = p::normalize_path(&q.path)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_JOURNAL_PAGE);
+    let entries = app.store.history(caller.user.root_ns, &path, limit).await?;
+    if entries.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "/{path} has no history on the server"
+        )));
+    }
+    Ok(Json(HistoryResponse { entries }))
+}
+
+async fn restore<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<RestoreRequest>,
+) -> ApiResult<Json<CommitResponse>> {
+    let path = p::normalize_path(&req.path)?;
+    let ns = caller.user.root_ns;
+    let (rev, cursor) = app
+        .store
+        .restore(ns, &caller.actor(), &path, req.rev)
+        .await?;
+    app.hub.publish(ns, cursor);
+    Ok(Json(CommitResponse { rev, cursor }))
 }

@@ -4,4 +4,6 @@
 mod harness;
 
 mod errors;
+mod live;
 mod roundtrip;
+mod sync;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{BlobError, BlobStore};
+use super::{BlobError, BlobStore, BlockHealth};
 use crate::protocol;
 
 #[derive(Clone, Debug)]
@@ -35,6 +35,13 @@ impl FsBlobStore {
         Ok(FsBlobStore {
             root: root.to_path_buf(),
         })
+    }
+
+    /// The store at `root`, as it is: for read-only checks (no temp-file cleanup).
+    pub fn open_existing(root: &Path) -> FsBlobStore {
+        FsBlobStore {
+            root: root.to_path_buf(),
+        }
     }
 
     fn path_of(&self, hash: &str) -> PathBuf {
@@ -80,6 +87,37 @@ impl FsBlobStore {
 }
 
 impl BlobStore for FsBlobStore {
+    async fn delete(&self, hash: &str) -> Result<(), BlobError> {
+        match tokio::fs::remove_file(self.path_of(hash)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn check(&self, hash: &str, read_data: bool) -> Result<BlockHealth, BlobError> {
+        let path = self.path_of(hash);
+        let hash = hash.to_string();
+        let health = tokio::task::spawn_blocking(move || -> io::Result<BlockHealth> {
+            if !read_data {
+                return Ok(if path.exists() {
+                    BlockHealth::Ok
+                } else {
+                    BlockHealth::Missing
+                });
+            }
+            match fs::read(&path) {
+                Ok(b) if protocol::block_hash(&b) == hash => Ok(BlockHealth::Ok),
+                Ok(_) => Ok(BlockHealth::Corrupt),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BlockHealth::Missing),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(health)
+    }
+
     async fn put(&self, hash: &str, bytes: Bytes) -> Result<(), BlobError> {
         let this = self.clone();
         let hash = hash.to_string();

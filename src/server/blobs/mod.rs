@@ -26,4 +26,21 @@ pub trait BlobStore: Send + Sync + 'static {
     fn put(&self, hash: &str, bytes: Bytes) -> impl Future<Output = Result<(), BlobError>> + Send;
     /// The block's bytes, verified against `hash`, or `None` when the store lacks it.
     fn get(&self, hash: &str) -> impl Future<Output = Result<Option<Bytes>, BlobError>> + Send;
+    /// Deletes a block's bytes (garbage collection); deleting a missing block is not an error.
+    fn delete(&self, hash: &str) -> impl Future<Output = Result<(), BlobError>> + Send;
+    /// Checks a block without changing anything: present, and with `read_data` that its bytes
+    /// still hash to its id.
+    fn check(
+        &self,
+        hash: &str,
+        read_data: bool,
+    ) -> impl Future<Output = Result<BlockHealth, BlobError>> + Send;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockHealth {
+    Ok,
+    Missing,
+    Corrupt,
 }

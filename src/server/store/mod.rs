@@ -150,6 +150,44 @@ pub trait MetaStore: Send + Sync + 'static {
         to: &str,
         parent_rev: Option<i64>,
     ) -> impl Future<Output = StoreResult<(i64, i64)>> + Send;
+    /// Makes a past version (journal row `rev` of `path`) the current content: a new RESTORE
+    /// row; history is never rewritten.
+    fn restore(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        path: &str,
+        rev: i64,
+    ) -> impl Future<Output = StoreResult<(i64, i64)>> + Send;
+    /// Journal rows that touched `path` (as its path, or moving it away), newest first.
+    fn history(
+        &self,
+        ns: i64,
+        path: &str,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<JournalEntry>>> + Send;
+    /// Blocks no retained version references, older than the grace period and not uploaded
+    /// within it: candidates for garbage collection, with their sizes.
+    fn gc_candidates(
+        &self,
+        now: i64,
+        retention_secs: i64,
+        grace_secs: i64,
+    ) -> impl Future<Output = StoreResult<Vec<(String, u64)>>> + Send;
+    /// Deletes a candidate's row unless a commit referenced it since `gc_started` or it was
+    /// uploaded after `grace_cutoff`; true when deleted (then its bytes may go).
+    fn forget_block(
+        &self,
+        hash: &str,
+        gc_started: i64,
+        grace_cutoff: i64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Every retained file version: (path, revision, blocks).
+    fn retained_versions(
+        &self,
+        now: i64,
+        retention_secs: i64,
+    ) -> impl Future<Output = StoreResult<Vec<(String, i64, Vec<String>)>>> + Send;
     /// Entries below `path` (the whole subtree when `recursive`), with block lists, and the cursor
     /// they are consistent with.
     fn list(

@@ -15,11 +15,18 @@ use crate::protocol::{
     self, CommitRequest, Entry, EntryKind, JournalEntry, JournalOp, MAX_MISSING_BATCH,
 };
 
-const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[(
-    1,
-    "init",
-    include_str!("../../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "history",
+        include_str!("../../../migrations/sqlite/0002_history.sql"),
+    ),
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -73,6 +80,26 @@ fn entry_from_row(row: &SqliteRow) -> Result<Entry, sqlx::Error> {
     })
 }
 
+fn journal_from_row(r: &SqliteRow) -> StoreResult<JournalEntry> {
+    let op: String = r.try_get("op")?;
+    Ok(JournalEntry {
+        id: r.try_get("id")?,
+        op: JournalOp::parse(&op)
+            .ok_or_else(|| sqlx::Error::Decode(format!("bad journal op {op:?}").into()))?,
+        path: r.try_get("path")?,
+        old_path: r.try_get("old_path")?,
+        kind: kind_from(r.try_get("kind")?)?,
+        size: r.try_get::<i64, _>("size")? as u64,
+        content_hash: r.try_get("content_hash")?,
+        blocks: split_blocks(r.try_get("blocks")?),
+        mtime: r.try_get("mtime")?,
+        executable: r.try_get::<i64, _>("executable")? != 0,
+        user: r.try_get("user_name")?,
+        device: r.try_get("device")?,
+        time: r.try_get("created_at")?,
+    })
+}
+
 /// The lower and upper (exclusive) bounds of the paths strictly below `dir`: `'/'` is followed
 /// by `'0'` in byte order, so `dir/` ≤ p < `dir0` holds exactly for descendants.
 fn subtree_bounds(dir: &str) -> (String, String) {
@@ -109,6 +136,25 @@ impl SqliteStore {
             .execute(&store.pool)
             .await?;
         Ok(store)
+    }
+
+    /// A server setting (`server_meta`), e.g. `retention_days`.
+    pub async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM server_meta WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
+        sqlx::query("INSERT OR REPLACE INTO server_meta (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Takes the namespace's write lock and returns its current head.
@@ -225,6 +271,146 @@ impl SqliteStore {
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    /// Writes a file version: a commit (`op` None: add or modify, with the parent revision
+    /// checked) or a restore (no parent check). See the module invariants.
+    async fn write_file(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        req: &CommitRequest,
+        op: Option<JournalOp>,
+    ) -> StoreResult<(i64, i64)> {
+        let path = req.path.as_str();
+        if path.is_empty() {
+            return Err(StoreError::Invalid(
+                "cannot commit a file at the root".into(),
+            ));
+        }
+        if protocol::content_hash(&req.blocks) != req.content_hash {
+            return Err(StoreError::Invalid(
+                "content_hash does not match the block list".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let head = Self::lock_ns(&mut tx, ns).await?;
+
+        // Every referenced block must be durable already: that is what makes a commit safe to
+        // show to other devices.
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        let mut total: u64 = 0;
+        for hash in &req.blocks {
+            let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blocks WHERE hash = ?")
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match size {
+                Some(s) => total += s as u64,
+                None => {
+                    if seen.insert(hash.as_str()) {
+                        missing.push(hash.clone());
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(StoreError::MissingBlocks(missing));
+        }
+        if total != req.size {
+            return Err(StoreError::Invalid(format!(
+                "size {} does not match the blocks' total {total}",
+                req.size
+            )));
+        }
+
+        let current = sqlx::query(
+            "SELECT kind, rev, content_hash, executable FROM files WHERE ns = ? AND path = ?",
+        )
+        .bind(ns)
+        .bind(path)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut current_rev = None;
+        if let Some(row) = &current {
+            if kind_from(row.try_get("kind")?)? == EntryKind::Dir {
+                return Err(StoreError::PathConflict(format!(
+                    "/{path} is a folder on the server"
+                )));
+            }
+            current_rev = Some(row.try_get::<i64, _>("rev")?);
+        }
+        if op.is_none() && req.parent_rev != current_rev {
+            return Err(StoreError::Conflict {
+                message: format!(
+                    "/{path} changed on the server (now at revision {}, this change was based on {})",
+                    current_rev.map_or("none".to_string(), |r| r.to_string()),
+                    req.parent_rev.map_or("none".to_string(), |r| r.to_string()),
+                ),
+                current_rev,
+            });
+        }
+        if let (Some(row), Some(rev)) = (&current, current_rev) {
+            let same_hash = row.try_get::<Option<String>, _>("content_hash")?.as_deref()
+                == Some(req.content_hash.as_str());
+            let same_exec = (row.try_get::<i64, _>("executable")? != 0) == req.executable;
+            if same_hash && same_exec {
+                return Ok((rev, head));
+            }
+        }
+        Self::ensure_ancestors(&mut tx, ns, actor, path).await?;
+
+        let blocks = join_blocks(&req.blocks);
+        let change = Change {
+            op: match (op, &current) {
+                (Some(op), _) => op,
+                (None, Some(_)) => JournalOp::Modify,
+                (None, None) => JournalOp::Add,
+            },
+            path,
+            old_path: None,
+            kind: EntryKind::File,
+            size: req.size,
+            content_hash: Some(&req.content_hash),
+            blocks: &blocks,
+            mtime: req.mtime,
+            executable: req.executable,
+        };
+        let rev = Self::append(&mut tx, ns, actor, &change).await?;
+        sqlx::query(
+            "INSERT INTO files (ns, path, kind, rev, size, content_hash, blocks, mtime, executable)
+             VALUES (?, ?, 'file', ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (ns, path) DO UPDATE SET rev = excluded.rev, size = excluded.size,
+               content_hash = excluded.content_hash, blocks = excluded.blocks,
+               mtime = excluded.mtime, executable = excluded.executable",
+        )
+        .bind(ns)
+        .bind(path)
+        .bind(rev)
+        .bind(req.size as i64)
+        .bind(&req.content_hash)
+        .bind(&blocks)
+        .bind(req.mtime)
+        .bind(req.executable as i64)
+        .execute(&mut *tx)
+        .await?;
+        let now = now();
+        for hash in req.blocks.iter().collect::<HashSet<_>>() {
+            sqlx::query("INSERT OR IGNORE INTO ns_blocks (ns, hash) VALUES (?, ?)")
+                .bind(ns)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?;
+            // Garbage collection spares blocks referenced after it began.
+            sqlx::query("UPDATE blocks SET last_ref = ? WHERE hash = ?")
+                .bind(now)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((rev, rev))
     }
 }
 
@@ -435,128 +621,175 @@ impl MetaStore for SqliteStore {
         actor: &Actor,
         req: &CommitRequest,
     ) -> StoreResult<(i64, i64)> {
-        let path = req.path.as_str();
-        if path.is_empty() {
-            return Err(StoreError::Invalid(
-                "cannot commit a file at the root".into(),
-            ));
-        }
-        if protocol::content_hash(&req.blocks) != req.content_hash {
-            return Err(StoreError::Invalid(
-                "content_hash does not match the block list".into(),
-            ));
-        }
-        let mut tx = self.pool.begin().await?;
-        let head = Self::lock_ns(&mut tx, ns).await?;
+        self.write_file(ns, actor, req, None).await
+    }
 
-        // Every referenced block must be durable already: that is what makes a commit safe to
-        // show to other devices.
-        let mut missing = Vec::new();
-        let mut seen = HashSet::new();
-        let mut total: u64 = 0;
-        for hash in &req.blocks {
-            let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blocks WHERE hash = ?")
-                .bind(hash)
-                .fetch_optional(&mut *tx)
-                .await?;
-            match size {
-                Some(s) => total += s as u64,
-                None => {
-                    if seen.insert(hash.as_str()) {
-                        missing.push(hash.clone());
-                    }
-                }
-            }
-        }
-        if !missing.is_empty() {
-            return Err(StoreError::MissingBlocks(missing));
-        }
-        if total != req.size {
-            return Err(StoreError::Invalid(format!(
-                "size {} does not match the blocks' total {total}",
-                req.size
+    async fn restore(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        path: &str,
+        rev: i64,
+    ) -> StoreResult<(i64, i64)> {
+        let row = sqlx::query("SELECT * FROM journal WHERE ns = ? AND id = ?")
+            .bind(ns)
+            .bind(rev)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no revision {rev}")))?;
+        let row_path: String = row.try_get("path")?;
+        let op: String = row.try_get("op")?;
+        let kind: String = row.try_get("kind")?;
+        if row_path != path || op == "delete" || kind != "file" {
+            return Err(StoreError::NotFound(format!(
+                "revision {rev} is not a version of /{path}; see `dbx history /{path}`"
             )));
         }
-
-        let current = sqlx::query(
-            "SELECT kind, rev, content_hash, executable FROM files WHERE ns = ? AND path = ?",
-        )
-        .bind(ns)
-        .bind(path)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut current_rev = None;
-        if let Some(row) = &current {
-            if kind_from(row.try_get("kind")?)? == EntryKind::Dir {
-                return Err(StoreError::PathConflict(format!(
-                    "/{path} is a folder on the server"
-                )));
-            }
-            current_rev = Some(row.try_get::<i64, _>("rev")?);
-        }
-        if req.parent_rev != current_rev {
-            return Err(StoreError::Conflict {
-                message: format!(
-                    "/{path} changed on the server (now at revision {}, this change was based on {})",
-                    current_rev.map_or("none".to_string(), |r| r.to_string()),
-                    req.parent_rev.map_or("none".to_string(), |r| r.to_string()),
-                ),
-                current_rev,
-            });
-        }
-        if let (Some(row), Some(rev)) = (&current, current_rev) {
-            let same_hash = row.try_get::<Option<String>, _>("content_hash")?.as_deref()
-                == Some(req.content_hash.as_str());
-            let same_exec = (row.try_get::<i64, _>("executable")? != 0) == req.executable;
-            if same_hash && same_exec {
-                return Ok((rev, head));
-            }
-        }
-        Self::ensure_ancestors(&mut tx, ns, actor, path).await?;
-
-        let blocks = join_blocks(&req.blocks);
-        let change = Change {
-            op: if current.is_some() {
-                JournalOp::Modify
-            } else {
-                JournalOp::Add
-            },
-            path,
-            old_path: None,
-            kind: EntryKind::File,
-            size: req.size,
-            content_hash: Some(&req.content_hash),
-            blocks: &blocks,
-            mtime: req.mtime,
-            executable: req.executable,
+        let blocks = split_blocks(row.try_get("blocks")?);
+        let req = CommitRequest {
+            path: path.to_string(),
+            parent_rev: None,
+            content_hash: row
+                .try_get::<Option<String>, _>("content_hash")?
+                .unwrap_or_default(),
+            size: row.try_get::<i64, _>("size")? as u64,
+            mtime: row.try_get("mtime")?,
+            executable: row.try_get::<i64, _>("executable")? != 0,
+            blocks,
         };
-        let rev = Self::append(&mut tx, ns, actor, &change).await?;
-        sqlx::query(
-            "INSERT INTO files (ns, path, kind, rev, size, content_hash, blocks, mtime, executable)
-             VALUES (?, ?, 'file', ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (ns, path) DO UPDATE SET rev = excluded.rev, size = excluded.size,
-               content_hash = excluded.content_hash, blocks = excluded.blocks,
-               mtime = excluded.mtime, executable = excluded.executable",
+        match self
+            .write_file(ns, actor, &req, Some(JournalOp::Restore))
+            .await
+        {
+            Err(StoreError::MissingBlocks(_)) => Err(StoreError::NotFound(format!(
+                "the content of revision {rev} of /{path} has expired (past the retention period)"
+            ))),
+            other => other,
+        }
+    }
+
+    async fn history(&self, ns: i64, path: &str, limit: u32) -> StoreResult<Vec<JournalEntry>> {
+        let rows = sqlx::query(
+            "SELECT j.*, u.name AS user_name FROM journal j JOIN users u ON u.id = j.user_id
+             WHERE j.ns = ?1 AND (j.path = ?2 OR j.old_path = ?2)
+             ORDER BY j.id DESC LIMIT ?3",
         )
         .bind(ns)
         .bind(path)
-        .bind(rev)
-        .bind(req.size as i64)
-        .bind(&req.content_hash)
-        .bind(&blocks)
-        .bind(req.mtime)
-        .bind(req.executable as i64)
-        .execute(&mut *tx)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
         .await?;
-        for hash in req.blocks.iter().collect::<HashSet<_>>() {
-            sqlx::query("INSERT OR IGNORE INTO ns_blocks (ns, hash) VALUES (?, ?)")
-                .bind(ns)
+        rows.iter().map(journal_from_row).collect()
+    }
+
+    async fn gc_candidates(
+        &self,
+        now: i64,
+        retention_secs: i64,
+        grace_secs: i64,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        // Referenced: live files, and journal versions superseded less than `retention` ago
+        // (or never superseded).
+        let cutoff = now - retention_secs;
+        let mut referenced: HashSet<String> = HashSet::new();
+        let live: Vec<String> = sqlx::query_scalar("SELECT blocks FROM files WHERE kind = 'file'")
+            .fetch_all(&self.pool)
+            .await?;
+        for b in live {
+            referenced.extend(split_blocks(&b));
+        }
+        let retained: Vec<String> = sqlx::query_scalar(
+            "SELECT j.blocks FROM journal j
+             WHERE j.kind = 'file' AND j.op != 'delete' AND COALESCE((
+                SELECT MIN(n.created_at) FROM journal n
+                WHERE n.ns = j.ns AND n.id > j.id AND (n.path = j.path OR n.old_path = j.path)
+             ), ?1 + 1) > ?1",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        for b in retained {
+            referenced.extend(split_blocks(&b));
+        }
+        let rows = sqlx::query(
+            "SELECT b.hash, b.size FROM blocks b
+             WHERE b.created_at <= ?1 AND b.last_ref <= ?1
+               AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash = b.hash AND u.uploaded_at > ?1)",
+        )
+        .bind(now - grace_secs)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let hash: String = r.try_get("hash")?;
+            if !referenced.contains(&hash) {
+                out.push((hash, r.try_get::<i64, _>("size")? as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn forget_block(
+        &self,
+        hash: &str,
+        gc_started: i64,
+        grace_cutoff: i64,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // One write transaction: a commit that references the block either came first (and set
+        // last_ref after the collection started, so the row stays) or comes after (and finds
+        // no row, so it is refused and the client uploads the block again).
+        let gone = sqlx::query(
+            "DELETE FROM blocks WHERE hash = ?1 AND last_ref < ?2 AND created_at <= ?3
+               AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash = ?1 AND u.uploaded_at > ?3)",
+        )
+        .bind(hash)
+        .bind(gc_started)
+        .bind(grace_cutoff)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if gone {
+            sqlx::query("DELETE FROM uploads WHERE hash = ?")
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM ns_blocks WHERE hash = ?")
                 .bind(hash)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok((rev, rev))
+        Ok(gone)
+    }
+
+    async fn retained_versions(
+        &self,
+        now: i64,
+        retention_secs: i64,
+    ) -> StoreResult<Vec<(String, i64, Vec<String>)>> {
+        let cutoff = now - retention_secs;
+        let rows = sqlx::query(
+            "SELECT j.path, j.id, j.blocks FROM journal j
+             WHERE j.kind = 'file' AND j.op != 'delete' AND COALESCE((
+                SELECT MIN(n.created_at) FROM journal n
+                WHERE n.ns = j.ns AND n.id > j.id AND (n.path = j.path OR n.old_path = j.path)
+             ), ?1 + 1) > ?1
+             ORDER BY j.path, j.id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((
+                r.try_get("path")?,
+                r.try_get("id")?,
+                split_blocks(r.try_get("blocks")?),
+            ));
+        }
+        Ok(out)
     }
 
     async fn mkdir(&self, ns: i64, actor: &Actor, path: &str) -> StoreResult<(i64, i64)> {
@@ -807,23 +1040,7 @@ impl MetaStore for SqliteStore {
         let has_more = rows.len() > limit as usize;
         let mut entries = Vec::with_capacity(rows.len().min(limit as usize));
         for r in rows.iter().take(limit as usize) {
-            let op: String = r.try_get("op")?;
-            entries.push(JournalEntry {
-                id: r.try_get("id")?,
-                op: JournalOp::parse(&op)
-                    .ok_or_else(|| sqlx::Error::Decode(format!("bad journal op {op:?}").into()))?,
-                path: r.try_get("path")?,
-                old_path: r.try_get("old_path")?,
-                kind: kind_from(r.try_get("kind")?)?,
-                size: r.try_get::<i64, _>("size")? as u64,
-                content_hash: r.try_get("content_hash")?,
-                blocks: split_blocks(r.try_get("blocks")?),
-                mtime: r.try_get("mtime")?,
-                executable: r.try_get::<i64, _>("executable")? != 0,
-                user: r.try_get("user_name")?,
-                device: r.try_get("device")?,
-                time: r.try_get("created_at")?,
-            });
+            entries.push(journal_from_row(r)?);
         }
         let new_cursor = match entries.last() {
             Some(e) => e.id,
