@@ -19,6 +19,7 @@ Environment:
   DBX_SERVER    server URL, overriding the folder's and the default login's
   DBX_TOKEN     bearer token, overriding the stored one
   DBX_KEYRING   `file`: keep tokens in a 0600 file, not in the OS keyring
+  DBX_DEVICE    the device name `dbx login` gives the server (default: the host name)
   NO_COLOR      disables colours";
 
 #[derive(Debug, Parser)]

@@ -11,9 +11,11 @@ use crate::exit;
 use crate::output::Printer;
 use crate::protocol::LoginRequest;
 
+/// The name this device's changes carry in history: `DBX_DEVICE`, else the host name.
 fn device_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    std::env::var("DBX_DEVICE")
         .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
 }
