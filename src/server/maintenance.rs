@@ -117,3 +117,142 @@ pub async fn fsck<M: MetaStore, B: BlobStore>(
     }
     Ok(Ok(report))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{self, CommitRequest};
+    use crate::server::blobs::FsBlobStore;
+    use crate::server::store::{Actor, SqliteStore, StoreError};
+
+    async fn setup() -> (tempfile::TempDir, SqliteStore, FsBlobStore, i64, Actor) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("meta.db"))
+            .await
+            .unwrap();
+        let blobs = FsBlobStore::open(&dir.path().join("blocks")).unwrap();
+        let user = store.create_user("u", "x", None).await.unwrap();
+        let actor = Actor {
+            user_id: user.id,
+            device: None,
+        };
+        (dir, store, blobs, user.root_ns, actor)
+    }
+
+    async fn put(store: &SqliteStore, blobs: &FsBlobStore, bytes: &[u8], user: i64) -> String {
+        let hash = protocol::block_hash(bytes);
+        blobs
+            .put(&hash, bytes::Bytes::copy_from_slice(bytes))
+            .await
+            .unwrap();
+        store
+            .record_block(&hash, bytes.len() as u64, user)
+            .await
+            .unwrap();
+        hash
+    }
+
+    fn commit(path: &str, hash: &str, size: u64) -> CommitRequest {
+        CommitRequest {
+            path: path.into(),
+            parent_rev: None,
+            blocks: vec![hash.to_string()],
+            size,
+            content_hash: protocol::content_hash(&[hash]),
+            mtime: 0,
+            executable: false,
+        }
+    }
+
+    /// The interleaving GC must survive: it picks a block as garbage, then a client commits a
+    /// file referencing that block, then GC tries to delete it. The block must stay.
+    #[tokio::test]
+    async fn a_block_committed_during_gc_is_never_deleted() {
+        let (_dir, store, blobs, ns, actor) = setup().await;
+        let b = put(&store, &blobs, b"shared bytes", actor.user_id).await;
+        store
+            .commit_file(ns, &actor, &commit("old", &b, 12))
+            .await
+            .unwrap();
+        store.delete(ns, &actor, "old", None).await.unwrap();
+
+        let started = now();
+        let candidates = store.gc_candidates(started, 0, 0).await.unwrap();
+        assert!(
+            candidates.iter().any(|(h, _)| *h == b),
+            "the orphan is a candidate"
+        );
+
+        // A client commits a new file with the same block between GC's scan and its delete.
+        store
+            .commit_file(ns, &actor, &commit("new", &b, 12))
+            .await
+            .unwrap();
+        assert!(!store.forget_block(&b, started, started).await.unwrap());
+        assert_eq!(blobs.check(&b, true).await.unwrap(), BlockHealth::Ok);
+
+        // And a whole GC run keeps it too, since "new" references it.
+        let report = gc(&store, &blobs, 0, 0, false).await.unwrap();
+        assert_eq!(report.blocks_freed, 0);
+        assert_eq!(blobs.check(&b, true).await.unwrap(), BlockHealth::Ok);
+    }
+
+    /// The other order: GC deletes first; a later commit naming the block is refused (so the
+    /// client uploads it again) rather than committing a file whose bytes are gone.
+    #[tokio::test]
+    async fn a_commit_after_gc_deleted_its_block_is_refused() {
+        let (_dir, store, blobs, ns, actor) = setup().await;
+        let b = put(&store, &blobs, b"orphan", actor.user_id).await;
+        store
+            .commit_file(ns, &actor, &commit("f", &b, 6))
+            .await
+            .unwrap();
+        store.delete(ns, &actor, "f", None).await.unwrap();
+        // Let the clock move past the commit's `last_ref` stamp.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let report = gc(&store, &blobs, 0, 0, false).await.unwrap();
+        assert_eq!((report.blocks_freed, report.bytes_freed), (1, 6));
+        assert_eq!(blobs.check(&b, false).await.unwrap(), BlockHealth::Missing);
+        match store.commit_file(ns, &actor, &commit("g", &b, 6)).await {
+            Err(StoreError::MissingBlocks(m)) => assert_eq!(m, vec![b.clone()]),
+            other => panic!("expected MissingBlocks, got {other:?}"),
+        }
+    }
+
+    /// Retention and grace: nothing referenced by a retained version, nor uploaded within the
+    /// grace period, is a candidate.
+    #[tokio::test]
+    async fn retention_and_grace_protect_blocks() {
+        let (_dir, store, blobs, ns, actor) = setup().await;
+        let old = put(&store, &blobs, b"version one", actor.user_id).await;
+        let new = put(&store, &blobs, b"version two", actor.user_id).await;
+        let loose = put(&store, &blobs, b"uploaded, never committed", actor.user_id).await;
+        store
+            .commit_file(ns, &actor, &commit("f", &old, 11))
+            .await
+            .unwrap();
+        let mut second = commit("f", &new, 11);
+        second.parent_rev = Some(1);
+        store.commit_file(ns, &actor, &second).await.unwrap();
+        let t = now();
+        // A day of retention keeps the superseded version; a day of grace keeps the upload.
+        let c = store.gc_candidates(t, 86_400, 86_400).await.unwrap();
+        assert!(c.is_empty(), "{c:?}");
+        let names =
+            |c: Vec<(String, u64)>| -> BTreeSet<String> { c.into_iter().map(|(h, _)| h).collect() };
+        // Fresh uploads are protected by the grace period whatever the retention.
+        assert!(store.gc_candidates(t, 0, 86_400).await.unwrap().is_empty());
+        // Past the grace period, retention still keeps the superseded version.
+        assert_eq!(
+            names(store.gc_candidates(t, 86_400, 0).await.unwrap()),
+            BTreeSet::from([loose.clone()])
+        );
+        // With neither, the superseded version's block goes too; the live one never does.
+        assert_eq!(
+            names(store.gc_candidates(t, 0, 0).await.unwrap()),
+            BTreeSet::from([old, loose])
+        );
+    }
+
+    use std::collections::BTreeSet;
+}
