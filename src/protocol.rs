@@ -6,8 +6,8 @@
 //! Paths on the wire are relative to a namespace root, `/`-separated, without a leading slash
 //! (the root itself is the empty string); [`normalize_path`] is the one gate both ends use.
 
+use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Prefix of every API route.
 pub const API_PREFIX: &str = "/api/v1";
@@ -26,6 +26,9 @@ pub mod routes {
     pub const LOGIN: &str = "/login";
     pub const BLOCKS_MISSING: &str = "/blocks/missing";
     pub const BLOCK: &str = "/blocks/{hash}";
+    pub const BLOCKS_BATCH: &str = "/blocks/batch";
+    pub const BLOCKS_FETCH: &str = "/blocks/fetch";
+    pub const FILES_COMMIT_BATCH: &str = "/files/commit_batch";
     pub const FILES_COMMIT: &str = "/files/commit";
     pub const FILES_MKDIR: &str = "/files/mkdir";
     pub const FILES_DELETE: &str = "/files/delete";
@@ -126,6 +129,88 @@ pub struct PutBlockResponse {
     pub hash: String,
     /// False when the server already held these bytes (proof of possession only).
     pub stored: bool,
+}
+
+/// The most bytes of block data one batch request or response carries.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// The most blocks one batch request or response carries.
+pub const MAX_BATCH_BLOCKS: usize = 4096;
+/// The most commits one `files/commit_batch` request carries.
+pub const MAX_COMMIT_BATCH: usize = 2000;
+
+/// Encodes several blocks in one binary body (`application/octet-stream`): for each, its
+/// 64-character hex id, its length as a big-endian u32, then its bytes.
+pub fn encode_blocks<'a>(blocks: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (hash, bytes) in blocks {
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// Decodes [`encode_blocks`]' framing; errors name what is malformed. Ids are not verified
+/// against the bytes here.
+pub fn decode_blocks(mut body: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 68 {
+            return Err("truncated block header".into());
+        }
+        let hash = std::str::from_utf8(&body[..64])
+            .ok()
+            .filter(|h| is_block_hash(h))
+            .ok_or("a block id is not 64 lowercase hex digits")?
+            .to_string();
+        let len = u32::from_be_bytes([body[64], body[65], body[66], body[67]]) as usize;
+        if len > MAX_BLOCK_SIZE {
+            return Err(format!(
+                "block {hash} is larger than {MAX_BLOCK_SIZE} bytes"
+            ));
+        }
+        let rest = &body[68..];
+        if rest.len() < len {
+            return Err(format!("block {hash} is truncated"));
+        }
+        out.push((hash, &rest[..len]));
+        body = &rest[len..];
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PutBlocksResponse {
+    /// Blocks whose bytes were new to the server.
+    pub stored: u64,
+    /// Blocks the server already held (possession proven, nothing stored).
+    pub already_held: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub hashes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitBatchRequest {
+    pub commits: Vec<CommitRequest>,
+}
+
+/// One commit's outcome in a batch: `rev` and `cursor`, or `error`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitBatchResponse {
+    pub results: Vec<CommitResult>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -439,22 +524,24 @@ pub fn is_block_hash(hash: &str) -> bool {
 
 /// A block's id: the lowercase hex SHA-256 of its bytes.
 pub fn block_hash(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    // ring's SHA-256 uses the CPU's SHA extensions or AVX2 where present: twice the speed of
+    // a portable implementation on CPUs without SHA-NI (measured in bench/README.md).
+    hex::encode(ring::digest::digest(&SHA256, bytes))
 }
 
 /// A file's content hash: SHA-256 over the concatenated raw block digests, so two files are
 /// equal exactly when their block lists are, without comparing bytes.
 pub fn content_hash<S: AsRef<str>>(blocks: &[S]) -> String {
-    let mut h = Sha256::new();
+    let mut h = Context::new(&SHA256);
     for b in blocks {
         let mut raw = [0u8; 32];
         if hex::decode_to_slice(b.as_ref(), &mut raw).is_ok() {
-            h.update(raw);
+            h.update(&raw);
         } else {
             h.update(b.as_ref().as_bytes());
         }
     }
-    hex::encode(h.finalize())
+    hex::encode(h.finish())
 }
 
 #[cfg(test)]
@@ -502,6 +589,21 @@ mod tests {
         assert_eq!(join_path("", "a"), "a");
         assert_eq!(join_path("a", "b/c"), "a/b/c");
         assert_eq!(join_path("a", ""), "a");
+    }
+
+    #[test]
+    fn block_batches_round_trip_and_reject_garbage() {
+        let (a, b) = (b"first".to_vec(), vec![7u8; 1000]);
+        let (ha, hb) = (block_hash(&a), block_hash(&b));
+        let body = encode_blocks([(ha.as_str(), &a[..]), (hb.as_str(), &b[..])]);
+        let decoded = decode_blocks(&body).unwrap();
+        assert_eq!(decoded, vec![(ha.clone(), &a[..]), (hb, &b[..])]);
+        assert!(decode_blocks(&body[..body.len() - 1]).is_err());
+        assert!(decode_blocks(&body[..10]).is_err());
+        assert_eq!(decode_blocks(&[]).unwrap(), vec![]);
+        let mut bad = body.clone();
+        bad[0] = b'X';
+        assert!(decode_blocks(&bad).is_err());
     }
 
     #[test]

@@ -121,7 +121,10 @@ async fn rewind_plan(remote: &Remote, dir: &str, when: i64) -> Result<Vec<Step>>
     // What did not exist then goes (a folder with everything below it, once).
     let mut deleted_dirs: Vec<String> = Vec::new();
     for (p, e) in &now {
-        if then.contains_key(p) || deleted_dirs.iter().any(|d| p.starts_with(&format!("{d}/"))) {
+        // What existed then as the same kind stays (and is restored below if it changed);
+        // what did not, or was a file where a folder is now (or the reverse), goes first.
+        let same_kind = then.get(p).is_some_and(|t| t.kind == e.kind);
+        if same_kind || deleted_dirs.iter().any(|d| p.starts_with(&format!("{d}/"))) {
             continue;
         }
         if e.kind == EntryKind::Dir {
@@ -134,7 +137,8 @@ async fn rewind_plan(remote: &Remote, dir: &str, when: i64) -> Result<Vec<Step>>
         });
     }
     for (p, e) in &then {
-        let current = now.get(p);
+        // Anything of another kind at this path was deleted above.
+        let current = now.get(p).filter(|c| c.kind == e.kind);
         match e.kind {
             EntryKind::Dir => {
                 if current.is_none_or(|c| c.kind != EntryKind::Dir) {

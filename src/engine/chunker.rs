@@ -1,9 +1,10 @@
 //! Content-defined chunking (FastCDC 2020) and block hashing.
 //!
-//! A file is read as a stream: at most one chunk (≤ 4 MiB) is in memory at a time, whatever the
-//! file's size. Block ids are SHA-256 of the chunk bytes; the file's content hash is derived
-//! from the ordered block ids (`protocol::content_hash`). These functions are CPU-bound and
-//! blocking: callers run them off the async reactor.
+//! A file is read as a stream and cut by one thread while [`HASH_THREADS`] threads hash the
+//! chunks (SHA-256 is the slower of the two): at most [`CHUNKS_IN_FLIGHT`] chunks (≤ 4 MiB
+//! each) are in memory, whatever the file's size. Block ids are SHA-256 of the chunk bytes; the
+//! file's content hash is derived from the ordered block ids (`protocol::content_hash`). These
+//! functions are CPU-bound and blocking: callers run them off the async reactor.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -35,22 +36,58 @@ impl Digest {
     }
 }
 
+/// Threads hashing the chunks of one file.
+pub const HASH_THREADS: usize = 2;
+/// Chunks cut but not yet hashed, at most (each ≤ 4 MiB).
+pub const CHUNKS_IN_FLIGHT: usize = 4;
+
 /// Chunks and hashes everything `reader` yields.
-pub fn digest_reader<R: Read>(reader: R, params: ChunkParams) -> io::Result<Digest> {
-    let mut blocks = Vec::new();
-    let mut size = 0u64;
-    for chunk in StreamCDC::new(reader, params.min, params.avg, params.max) {
-        let chunk = chunk.map_err(|e| match e {
-            CdcError::IoError(io) => io,
-            other => io::Error::other(other.to_string()),
-        })?;
-        size += chunk.length as u64;
-        blocks.push(BlockRef {
-            hash: protocol::block_hash(&chunk.data),
-            offset: chunk.offset,
-            len: chunk.length as u32,
-        });
-    }
+pub fn digest_reader<R: Read + Send>(reader: R, params: ChunkParams) -> io::Result<Digest> {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    let (chunk_tx, chunk_rx) = mpsc::sync_channel::<(usize, u64, Vec<u8>)>(CHUNKS_IN_FLIGHT);
+    let chunk_rx = Mutex::new(chunk_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, BlockRef)>();
+    let cut = std::thread::scope(|s| -> io::Result<()> {
+        // Owned here, so an early return drops it and the hashers stop: no deadlock on error.
+        let chunk_tx = chunk_tx;
+        for _ in 0..HASH_THREADS {
+            let done_tx = done_tx.clone();
+            let chunk_rx = &chunk_rx;
+            s.spawn(move || loop {
+                let next = chunk_rx.lock().map(|rx| rx.recv());
+                let Ok(Ok((i, offset, data))) = next else {
+                    return;
+                };
+                let block = BlockRef {
+                    hash: protocol::block_hash(&data),
+                    offset,
+                    len: data.len() as u32,
+                };
+                if done_tx.send((i, block)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        for (i, chunk) in StreamCDC::new(reader, params.min, params.avg, params.max).enumerate() {
+            let chunk = chunk.map_err(|e| match e {
+                CdcError::IoError(io) => io,
+                other => io::Error::other(other.to_string()),
+            })?;
+            if chunk_tx.send((i, chunk.offset, chunk.data)).is_err() {
+                break;
+            }
+        }
+        drop(chunk_tx);
+        Ok(())
+    });
+    cut?;
+    let mut indexed: Vec<(usize, BlockRef)> = done_rx.into_iter().collect();
+    indexed.sort_by_key(|(i, _)| *i);
+    let blocks: Vec<BlockRef> = indexed.into_iter().map(|(_, b)| b).collect();
+    let size = blocks.iter().map(|b| u64::from(b.len)).sum();
     let content_hash = protocol::content_hash(&blocks.iter().map(|b| &b.hash).collect::<Vec<_>>());
     Ok(Digest {
         size,

@@ -43,6 +43,50 @@ pub enum RemoteError {
 
 pub type RemoteResult<T> = Result<T, RemoteError>;
 
+/// Further attempts after a transient failure (network error or 5xx) of a request that is
+/// safe to repeat; the wait doubles from [`RETRY_FIRST_WAIT`], with jitter.
+const RETRIES: u32 = 4;
+const RETRY_FIRST_WAIT: Duration = Duration::from_millis(150);
+
+impl RemoteError {
+    /// Worth another attempt: the network or the server may recover.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RemoteError::Unreachable { .. } | RemoteError::Unavailable { .. } => true,
+            RemoteError::Refused { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or runs out of retries.
+async fn retrying<T, F, Fut>(what: &str, mut attempt: F) -> RemoteResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = RemoteResult<T>>,
+{
+    let mut wait = RETRY_FIRST_WAIT;
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_transient() && tries < RETRIES => {
+                tries += 1;
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let jitter = wait.mul_f64(f64::from(nanos % 500) / 1000.0);
+                tracing::warn!(
+                    "{what} failed ({e}); retry {tries}/{RETRIES} in {:?}",
+                    wait + jitter
+                );
+                tokio::time::sleep(wait + jitter).await;
+                wait *= 2;
+            }
+            r => return r,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Remote {
     base: String,
@@ -168,7 +212,10 @@ impl Remote {
     }
 
     pub async fn info(&self) -> RemoteResult<InfoResponse> {
-        self.json(self.request(Method::GET, r::INFO)).await
+        retrying("server info", || {
+            self.json(self.request(Method::GET, r::INFO))
+        })
+        .await
     }
 
     pub async fn login(&self, req: &LoginRequest) -> RemoteResult<LoginResponse> {
@@ -176,19 +223,107 @@ impl Remote {
     }
 
     pub async fn missing(&self, hashes: Vec<String>) -> RemoteResult<Vec<String>> {
-        let resp: MissingResponse = self
-            .post(r::BLOCKS_MISSING, &MissingRequest { hashes })
-            .await?;
+        let req = MissingRequest { hashes };
+        let resp: MissingResponse =
+            retrying("block check", || self.post(r::BLOCKS_MISSING, &req)).await?;
         Ok(resp.missing)
     }
 
     pub async fn put_block(&self, hash: &str, bytes: Vec<u8>) -> RemoteResult<PutBlockResponse> {
-        self.json(
-            self.request(Method::PUT, &r::block(hash))
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(bytes),
-        )
+        let bytes = Bytes::from(bytes);
+        retrying("block upload", || {
+            self.json(
+                self.request(Method::PUT, &r::block(hash))
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(bytes.clone()),
+            )
+        })
         .await
+    }
+
+    /// Uploads several blocks in one request (see `protocol::encode_blocks`).
+    pub async fn put_blocks(
+        &self,
+        blocks: &[(String, Vec<u8>)],
+    ) -> RemoteResult<p::PutBlocksResponse> {
+        let body = Bytes::from(p::encode_blocks(
+            blocks.iter().map(|(h, b)| (h.as_str(), &b[..])),
+        ));
+        retrying("block upload", || {
+            self.json(
+                self.request(Method::POST, r::BLOCKS_BATCH)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone()),
+            )
+        })
+        .await
+    }
+
+    /// Several blocks in one request, each verified against its id, in the order asked.
+    pub async fn fetch_blocks(&self, hashes: &[String]) -> RemoteResult<Vec<Bytes>> {
+        let req = p::FetchRequest {
+            hashes: hashes.to_vec(),
+        };
+        let body = retrying("block download", || async {
+            let resp = self
+                .send(self.request(Method::POST, r::BLOCKS_FETCH).json(&req))
+                .await?;
+            resp.bytes().await.map_err(|e| self.transport(e))
+        })
+        .await?;
+        let blocks = tokio::task::spawn_blocking(move || -> RemoteResult<Vec<Bytes>> {
+            let decoded = p::decode_blocks(&body).map_err(RemoteError::Protocol)?;
+            let mut out = Vec::with_capacity(decoded.len());
+            for (hash, bytes) in decoded {
+                if p::block_hash(bytes) != hash {
+                    return Err(RemoteError::Protocol(format!(
+                        "block {hash} arrived corrupted"
+                    )));
+                }
+                out.push((hash, body.slice_ref(bytes)));
+            }
+            Ok(out.into_iter().map(|(_, b)| b).collect())
+        })
+        .await
+        .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        if blocks.len() != hashes.len() {
+            return Err(RemoteError::Protocol(format!(
+                "asked for {} blocks, got {}",
+                hashes.len(),
+                blocks.len()
+            )));
+        }
+        Ok(blocks)
+    }
+
+    /// Commits several files in one request; each outcome separately.
+    pub async fn commit_batch(
+        &self,
+        commits: Vec<CommitRequest>,
+    ) -> RemoteResult<Vec<RemoteResult<CommitResponse>>> {
+        let req = p::CommitBatchRequest { commits };
+        let resp: p::CommitBatchResponse =
+            retrying("commit", || self.post(r::FILES_COMMIT_BATCH, &req)).await?;
+        Ok(resp
+            .results
+            .into_iter()
+            .map(|r| match (r.rev, r.cursor, r.error) {
+                (Some(rev), Some(cursor), None) => Ok(CommitResponse { rev, cursor }),
+                (_, _, Some(e)) if e.code == "conflict" => Err(RemoteError::Conflict {
+                    message: e.message,
+                    current_rev: e.current_rev,
+                }),
+                (_, _, Some(e)) => Err(RemoteError::Refused {
+                    status: 400,
+                    code: e.code,
+                    message: e.message,
+                    missing: e.missing,
+                }),
+                _ => Err(RemoteError::Protocol(
+                    "a commit result has neither rev nor error".into(),
+                )),
+            })
+            .collect())
     }
 
     /// A block's bytes, verified against its id: bytes that do not match are never returned.
@@ -207,10 +342,6 @@ impl Remote {
             )));
         }
         Ok(bytes)
-    }
-
-    pub async fn commit(&self, req: &CommitRequest) -> RemoteResult<CommitResponse> {
-        self.post(r::FILES_COMMIT, req).await
     }
 
     pub async fn mkdir(&self, path: &str) -> RemoteResult<CommitResponse> {

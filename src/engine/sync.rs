@@ -32,8 +32,12 @@ use crate::protocol::{self, ChunkParams, CommitRequest, EntryKind};
 const HASH_PARALLELISM: usize = 2;
 /// Block uploads in flight (each ≤ 4 MiB, so at most 16 MiB of block data in memory).
 const UPLOAD_PARALLELISM: usize = 4;
-/// Metadata commits in flight.
-const COMMIT_PARALLELISM: usize = 8;
+/// Commits per request (each batch is one durable transaction on the server).
+const COMMIT_BATCH: usize = 1000;
+/// Blocks smaller than this travel many to a request.
+const SMALL_BLOCK: usize = 1 << 20;
+/// Bytes of small blocks per batch request.
+const BATCH_BYTES: usize = 8 << 20;
 /// Files downloaded at once, and blocks in flight per file (≤ 2 × 4 × 4 MiB in memory).
 const DOWNLOAD_FILES_PARALLELISM: usize = 2;
 const DOWNLOAD_BLOCKS_PARALLELISM: usize = 4;
@@ -962,29 +966,74 @@ impl Apply<'_> {
         let root = self.root;
         let remote = self.remote;
         let progress = self.progress.clone();
-        let jobs: Vec<(String, PathBuf, BlockRef)> = missing
-            .iter()
-            .filter_map(|h| sources.get(h.as_str()))
-            .map(|(p, b)| (p.to_string(), root.join(p), (*b).clone()))
-            .collect();
-        let results: Vec<(String, u64, bool)> = stream::iter(jobs)
-            .map(|(path, full, block)| {
+        // Small blocks travel many to a request (one durable write on the server for all of
+        // them); large ones one per request. Either way several requests are in flight.
+        let mut jobs: Vec<Vec<(String, PathBuf, BlockRef)>> = Vec::new();
+        let mut batch: Vec<(String, PathBuf, BlockRef)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        for (p, b) in missing.iter().filter_map(|h| sources.get(h.as_str())) {
+            let job = (p.to_string(), root.join(p), (*b).clone());
+            if b.len as usize >= SMALL_BLOCK {
+                jobs.push(vec![job]);
+                continue;
+            }
+            if batch_bytes + b.len as usize > BATCH_BYTES
+                || batch.len() == protocol::MAX_BATCH_BLOCKS
+            {
+                jobs.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += b.len as usize;
+            batch.push(job);
+        }
+        if !batch.is_empty() {
+            jobs.push(batch);
+        }
+        let results: Vec<Vec<(String, u64, bool)>> = stream::iter(jobs)
+            .map(|job| {
                 let progress = progress.clone();
                 async move {
-                    let b = block.clone();
-                    let bytes = blocking(move || chunker::read_block(&full, &b))
-                        .await
-                        .map_err(|e| EngineError::Io {
-                            path: PathBuf::from(&path),
-                            source: e,
-                        })?;
-                    let Some(bytes) = bytes else {
-                        return Ok::<_, EngineError>((path, 0, false));
-                    };
-                    let len = bytes.len() as u64;
-                    remote.put_block(&block.hash, bytes).await?;
+                    let reads = job.clone();
+                    let read = blocking(move || {
+                        reads
+                            .into_iter()
+                            .map(|(path, full, b)| {
+                                let bytes = chunker::read_block(&full, &b).map_err(|e| {
+                                    EngineError::Io {
+                                        path: full.clone(),
+                                        source: e,
+                                    }
+                                })?;
+                                Ok((path, b.hash, bytes))
+                            })
+                            .collect::<Result<Vec<_>, EngineError>>()
+                    })
+                    .await?;
+                    let mut outcome = Vec::with_capacity(read.len());
+                    let mut send = Vec::with_capacity(read.len());
+                    for (path, hash, bytes) in read {
+                        match bytes {
+                            // Changed since it was hashed: not sent, not committed.
+                            None => outcome.push((path, 0, false)),
+                            Some(bytes) => {
+                                outcome.push((path, bytes.len() as u64, true));
+                                send.push((hash, bytes));
+                            }
+                        }
+                    }
+                    let len: u64 = send.iter().map(|(_, b)| b.len() as u64).sum();
+                    match send.len() {
+                        0 => {}
+                        1 if job.len() == 1 => {
+                            let (hash, bytes) = send.pop().expect("one block");
+                            remote.put_block(&hash, bytes).await?;
+                        }
+                        _ => {
+                            remote.put_blocks(&send).await?;
+                        }
+                    }
                     progress.advance(len);
-                    Ok((path, len, true))
+                    Ok::<_, EngineError>(outcome)
                 }
             })
             .buffer_unordered(UPLOAD_PARALLELISM)
@@ -992,7 +1041,7 @@ impl Apply<'_> {
             .await?;
         self.progress.finish();
         let mut changed: HashSet<String> = HashSet::new();
-        for (path, len, sent) in results {
+        for (path, len, sent) in results.into_iter().flatten() {
             if sent {
                 self.report.blocks_uploaded += 1;
                 self.report.block_bytes_sent += len;
@@ -1031,14 +1080,17 @@ impl Apply<'_> {
                 "{path} changed while being uploaded; it will go next time"
             ));
         }
-        let results: Vec<_> = stream::iter(commits)
-            .map(|(path, l, req)| async move {
-                let r = remote.commit(&req).await;
-                (path, l, req, r)
-            })
-            .buffer_unordered(COMMIT_PARALLELISM)
-            .collect()
-            .await;
+        // Commits in batches: one request and one durable transaction per batch.
+        let batches: Vec<Vec<(String, LocalEntry, CommitRequest)>> =
+            commits.chunks(COMMIT_BATCH).map(<[_]>::to_vec).collect();
+        let mut results = Vec::new();
+        for batch in batches {
+            let reqs: Vec<CommitRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
+            let outcomes = remote.commit_batch(reqs).await?;
+            for ((path, l, req), r) in batch.into_iter().zip(outcomes) {
+                results.push((path, l, req, r));
+            }
+        }
         for (path, l, req, r) in results {
             match r {
                 Ok(resp) => {
@@ -1100,7 +1152,37 @@ impl Apply<'_> {
                 (p, e, expected)
             })
             .collect();
-        let results: Vec<_> = stream::iter(jobs)
+        // Small files whose blocks are not on disk already come many to a request, and are
+        // made durable together (one filesystem sync); others one by one, blocks in flight.
+        let (small, large): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, e, _)| {
+            e.size as usize <= SMALL_BLOCK && e.blocks.iter().all(|h| !sources.contains_key(h))
+        });
+        let mut groups: Vec<Vec<(String, protocol::Entry, Option<LocalEntry>)>> = Vec::new();
+        let (mut group, mut group_bytes, mut group_blocks) = (Vec::new(), 0usize, 0usize);
+        for job in small {
+            let (bytes, blocks) = (job.1.size as usize, job.1.blocks.len());
+            if !group.is_empty()
+                && (group_bytes + bytes > BATCH_BYTES
+                    || group_blocks + blocks > protocol::MAX_BATCH_BLOCKS)
+            {
+                groups.push(std::mem::take(&mut group));
+                (group_bytes, group_blocks) = (0, 0);
+            }
+            group_bytes += bytes;
+            group_blocks += blocks;
+            group.push(job);
+        }
+        if !group.is_empty() {
+            groups.push(group);
+        }
+        let grouped = stream::iter(groups)
+            .map(|g| {
+                let progress = progress.clone();
+                async move { download_group(root, remote, g, &progress).await }
+            })
+            .buffer_unordered(DOWNLOAD_FILES_PARALLELISM)
+            .flat_map(stream::iter);
+        let single = stream::iter(large)
             .map(|(path, entry, expected)| {
                 let progress = progress.clone();
                 async move {
@@ -1117,9 +1199,8 @@ impl Apply<'_> {
                     (path, entry, r)
                 }
             })
-            .buffer_unordered(DOWNLOAD_FILES_PARALLELISM)
-            .collect()
-            .await;
+            .buffer_unordered(DOWNLOAD_FILES_PARALLELISM);
+        let results: Vec<_> = grouped.chain(single).collect().await;
         self.progress.finish();
         let mut dirs = HashSet::new();
         let mut first_err = None;
@@ -1161,6 +1242,118 @@ struct Downloaded {
     bytes_fetched: u64,
     bytes_reused: u64,
     block_lens: Vec<u32>,
+}
+
+type Job = (String, protocol::Entry, Option<LocalEntry>);
+
+/// Downloads a group of small files with one request, writes them all, syncs the filesystem
+/// once, then renames each into place (unless its destination changed since the scan).
+async fn download_group(
+    root: &Path,
+    remote: &Remote,
+    group: Vec<Job>,
+    progress: &Arc<dyn Progress>,
+) -> Vec<(
+    String,
+    protocol::Entry,
+    Result<Option<Downloaded>, EngineError>,
+)> {
+    let hashes: Vec<String> = group
+        .iter()
+        .flat_map(|(_, e, _)| e.blocks.clone())
+        .collect();
+    let fetched = match remote.fetch_blocks(&hashes).await {
+        Ok(f) => f,
+        Err(e) => {
+            let msg = e.to_string();
+            return group
+                .into_iter()
+                .map(|(p, e, _)| {
+                    let err = EngineError::Remote(RemoteError::Protocol(msg.clone()));
+                    (p, e, Err(err))
+                })
+                .collect();
+        }
+    };
+    let root = root.to_path_buf();
+    let total: u64 = fetched.iter().map(|b| b.len() as u64).sum();
+    let written = blocking(move || {
+        let mut blocks = fetched.into_iter();
+        let mut staged = Vec::with_capacity(group.len());
+        for (path, entry, expected) in group {
+            let bytes: Vec<bytes::Bytes> = blocks.by_ref().take(entry.blocks.len()).collect();
+            let r = stage_file(&root, &path, &entry, &bytes);
+            staged.push((path, entry, expected, bytes, r));
+        }
+        // One sync makes every staged file durable; then each rename.
+        let synced = File::open(&root).and_then(|d| rustix::fs::syncfs(d).map_err(Into::into));
+        staged
+            .into_iter()
+            .map(|(path, entry, expected, bytes, r)| {
+                let dest = root.join(&path);
+                let r = match (r, &synced) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => {
+                        Err(io_at(&dest)(std::io::Error::new(e.kind(), e.to_string())))
+                    }
+                    (Ok(tmp), Ok(())) => {
+                        if now_stat(&dest).as_ref() != expected.as_ref() {
+                            Ok(None)
+                        } else {
+                            tmp.persist(&dest)
+                                .map_err(|e| io_at(&dest)(e.error))
+                                .map(|_| {
+                                    Some(Downloaded {
+                                        blocks_fetched: bytes.len() as u64,
+                                        bytes_fetched: bytes.iter().map(|b| b.len() as u64).sum(),
+                                        bytes_reused: 0,
+                                        block_lens: bytes.iter().map(|b| b.len() as u32).collect(),
+                                    })
+                                })
+                        }
+                    }
+                };
+                (path, entry, r)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    progress.advance(total);
+    written
+}
+
+/// Writes one downloaded file to a temp file beside its destination (not yet synced).
+fn stage_file(
+    root: &Path,
+    path: &str,
+    entry: &protocol::Entry,
+    blocks: &[bytes::Bytes],
+) -> Result<tempfile::TempPath, EngineError> {
+    let dest = root.join(path);
+    let dir = dest.parent().unwrap_or(root).to_path_buf();
+    fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(&dir)
+        .map_err(io_at(&dir))?;
+    let (mut file, tmp_path) = tmp.into_parts();
+    let mut size = 0u64;
+    for b in blocks {
+        file.write_all(b).map_err(io_at(&dest))?;
+        size += b.len() as u64;
+    }
+    if size != entry.size || blocks.len() != entry.blocks.len() {
+        return Err(EngineError::Remote(RemoteError::Protocol(format!(
+            "/{path}: received {size} bytes, expected {}",
+            entry.size
+        ))));
+    }
+    let mode = if entry.executable { 0o755 } else { 0o644 };
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_at(&dest))?;
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.mtime.max(0) as u64);
+    file.set_modified(mtime).map_err(io_at(&dest))?;
+    Ok(tmp_path)
 }
 
 /// One block: from an unchanged local file when one holds it (re-verified), else the server.

@@ -76,8 +76,9 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error as the body's `error` object (also used per item in batch answers).
+    pub fn info(self) -> ErrorInfo {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
@@ -95,7 +96,14 @@ impl IntoResponse for ApiError {
             ApiError::Conflict { current_rev, .. } => info.current_rev = current_rev,
             _ => {}
         }
-        (status, Json(ErrorBody { error: info })).into_response()
+        info
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_code();
+        (status, Json(ErrorBody { error: self.info() })).into_response()
     }
 }
 

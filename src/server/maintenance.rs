@@ -146,7 +146,7 @@ mod tests {
             .await
             .unwrap();
         store
-            .record_block(&hash, bytes.len() as u64, user)
+            .record_blocks(&[(hash.clone(), bytes.len() as u64)], user)
             .await
             .unwrap();
         hash
@@ -175,6 +175,8 @@ mod tests {
             .await
             .unwrap();
         store.delete(ns, &actor, "old", None).await.unwrap();
+        // Blocks referenced in the second GC starts are spared; let that second pass.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
         let started = now();
         let candidates = store.gc_candidates(started, 0, 0).await.unwrap();
@@ -234,7 +236,9 @@ mod tests {
         let mut second = commit("f", &new, 11);
         second.parent_rev = Some(1);
         store.commit_file(ns, &actor, &second).await.unwrap();
-        let t = now();
+        // As seen by a collection starting a second later (blocks referenced in the second a
+        // collection starts are spared).
+        let t = now() + 1;
         // A day of retention keeps the superseded version; a day of grace keeps the upload.
         let c = store.gc_candidates(t, 86_400, 86_400).await.unwrap();
         assert!(c.is_empty(), "{c:?}");

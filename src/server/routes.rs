@@ -44,6 +44,9 @@ pub fn router<M: MetaStore, B: BlobStore>(app: Arc<App<M, B>>) -> Router {
         .route(r::LOGIN, post(login::<M, B>))
         .route(r::BLOCKS_MISSING, post(blocks_missing::<M, B>))
         .route(r::BLOCK, get(get_block::<M, B>).put(put_block::<M, B>))
+        .route(r::BLOCKS_BATCH, post(put_blocks::<M, B>))
+        .route(r::BLOCKS_FETCH, post(fetch_blocks::<M, B>))
+        .route(r::FILES_COMMIT_BATCH, post(commit_batch::<M, B>))
         .route(r::FILES_COMMIT, post(commit::<M, B>))
         .route(r::FILES_MKDIR, post(mkdir::<M, B>))
         .route(r::FILES_DELETE, post(delete::<M, B>))
@@ -164,14 +167,20 @@ async fn put_block<M: MetaStore, B: BlobStore>(
         });
     }
     let size = body.len() as u64;
-    let stored = if app.store.block_exists(&hash).await? {
+    let held = app
+        .store
+        .existing_blocks(std::slice::from_ref(&hash))
+        .await?;
+    let stored = if held.contains(&hash) {
         false
     } else {
         // Durable first, recorded second: a block row always has its bytes behind it.
         app.blobs.put(&hash, body).await?;
         true
     };
-    app.store.record_block(&hash, size, caller.user.id).await?;
+    app.store
+        .record_blocks(&[(hash.clone(), size)], caller.user.id)
+        .await?;
     let status = if stored {
         StatusCode::CREATED
     } else {
@@ -397,4 +406,152 @@ async fn restore<M: MetaStore, B: BlobStore>(
         .await?;
     app.hub.publish(ns, cursor);
     Ok(Json(CommitResponse { rev, cursor }))
+}
+
+/// Many small blocks in one request: verified, stored with one durability pass, recorded in
+/// one transaction. Either every block is accepted or none is.
+async fn put_blocks<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    body: Bytes,
+) -> ApiResult<Json<p::PutBlocksResponse>> {
+    if body.len() > p::MAX_BATCH_BYTES + 68 * p::MAX_BATCH_BLOCKS {
+        return Err(ApiError::TooLarge(format!(
+            "a batch carries at most {} bytes of blocks",
+            p::MAX_BATCH_BYTES
+        )));
+    }
+    let checked = tokio::task::spawn_blocking(move || {
+        let blocks = p::decode_blocks(&body).map_err(ApiError::BadRequest)?;
+        if blocks.len() > p::MAX_BATCH_BLOCKS {
+            return Err(ApiError::TooLarge(format!(
+                "a batch carries at most {} blocks",
+                p::MAX_BATCH_BLOCKS
+            )));
+        }
+        let mut out = Vec::with_capacity(blocks.len());
+        for (hash, bytes) in blocks {
+            let actual = p::block_hash(bytes);
+            if actual != hash {
+                return Err(ApiError::HashMismatch {
+                    expected: hash,
+                    actual,
+                });
+            }
+            out.push((hash, body.slice_ref(bytes)));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::BadRequest(e.to_string()))??;
+    let hashes: Vec<String> = checked.iter().map(|(h, _)| h.clone()).collect();
+    let held = app.store.existing_blocks(&hashes).await?;
+    let mut seen = HashSet::new();
+    let new: Vec<(String, Bytes)> = checked
+        .iter()
+        .filter(|(h, _)| !held.contains(h) && seen.insert(h.clone()))
+        .cloned()
+        .collect();
+    let stored = new.len() as u64;
+    // Durable first, recorded second: a block row always has its bytes behind it.
+    app.blobs.put_many(new).await?;
+    let sizes: Vec<(String, u64)> = checked
+        .iter()
+        .map(|(h, b)| (h.clone(), b.len() as u64))
+        .collect();
+    app.store.record_blocks(&sizes, caller.user.id).await?;
+    Ok(Json(p::PutBlocksResponse {
+        stored,
+        already_held: hashes.len() as u64 - stored,
+    }))
+}
+
+/// Many blocks in one response, in the order asked, each verified on read.
+async fn fetch_blocks<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<p::FetchRequest>,
+) -> ApiResult<impl IntoResponse> {
+    if req.hashes.len() > p::MAX_BATCH_BLOCKS {
+        return Err(ApiError::TooLarge(format!(
+            "at most {} blocks per request",
+            p::MAX_BATCH_BLOCKS
+        )));
+    }
+    for h in &req.hashes {
+        check_hash(h)?;
+    }
+    let readable = app.store.readable_blocks(&caller.user, &req.hashes).await?;
+    if let Some(h) = req.hashes.iter().find(|h| !readable.contains(*h)) {
+        return Err(ApiError::NotFound(format!("block {h} not found")));
+    }
+    let mut blocks = Vec::with_capacity(req.hashes.len());
+    let mut total = 0usize;
+    for h in &req.hashes {
+        let bytes = app
+            .blobs
+            .get(h)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("block {h} not found")))?;
+        total += bytes.len();
+        if total > p::MAX_BATCH_BYTES + p::MAX_BLOCK_SIZE {
+            return Err(ApiError::TooLarge(format!(
+                "ask for at most {} bytes of blocks at once",
+                p::MAX_BATCH_BYTES
+            )));
+        }
+        blocks.push((h.as_str(), bytes));
+    }
+    let body = p::encode_blocks(blocks.iter().map(|(h, b)| (*h, &b[..])));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body))
+}
+
+/// Many commits in one request and one durable transaction; each succeeds or fails alone.
+async fn commit_batch<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Json(req): Json<p::CommitBatchRequest>,
+) -> ApiResult<Json<p::CommitBatchResponse>> {
+    if req.commits.len() > p::MAX_COMMIT_BATCH {
+        return Err(ApiError::TooLarge(format!(
+            "at most {} commits per request",
+            p::MAX_COMMIT_BATCH
+        )));
+    }
+    let mut commits = req.commits;
+    for c in &mut commits {
+        c.path = p::normalize_path(&c.path)?;
+        for h in &c.blocks {
+            check_hash(h)?;
+        }
+    }
+    let ns = caller.user.root_ns;
+    let outcomes = app
+        .store
+        .commit_files(ns, &caller.actor(), &commits)
+        .await?;
+    let mut head = None;
+    let results = outcomes
+        .into_iter()
+        .map(|o| match o {
+            Ok((rev, cursor)) => {
+                head = head.max(Some(cursor));
+                p::CommitResult {
+                    rev: Some(rev),
+                    cursor: Some(cursor),
+                    error: None,
+                }
+            }
+            Err(e) => p::CommitResult {
+                rev: None,
+                cursor: None,
+                error: Some(ApiError::from(e).info()),
+            },
+        })
+        .collect();
+    if let Some(head) = head {
+        // The transaction is committed: only now may long polls wake.
+        app.hub.publish(ns, head);
+    }
+    Ok(Json(p::CommitBatchResponse { results }))
 }

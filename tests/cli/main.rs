@@ -4,6 +4,7 @@
 mod harness;
 
 mod errors;
+mod history;
 mod live;
 mod roundtrip;
 mod sync;

@@ -65,6 +65,48 @@ impl FsBlobStore {
         fsync_dir(dir)
     }
 
+    /// Many blocks with one filesystem sync: write every temp file, `syncfs` once, rename each
+    /// into place, then fsync each destination directory once. Nothing is acknowledged before
+    /// all of it is durable.
+    fn put_many_sync(&self, blocks: &[(String, Bytes)]) -> io::Result<()> {
+        let tmp_dir = self.root.join("tmp");
+        let mut staged = Vec::new();
+        for (hash, bytes) in blocks {
+            let dest = self.path_of(hash);
+            if dest.exists() {
+                continue;
+            }
+            let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+            tmp.write_all(bytes)?;
+            staged.push((tmp, dest));
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        rustix::fs::syncfs(File::open(&tmp_dir)?)?;
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut new_dirs = false;
+        for (tmp, dest) in staged {
+            let dir = dest
+                .parent()
+                .expect("block path has a parent")
+                .to_path_buf();
+            if !dir.exists() {
+                fs::create_dir_all(&dir)?;
+                new_dirs = true;
+            }
+            tmp.persist(&dest).map_err(|e| e.error)?;
+            dirs.insert(dir);
+        }
+        for d in &dirs {
+            fsync_dir(d)?;
+        }
+        if new_dirs {
+            fsync_dir(&self.root)?;
+        }
+        Ok(())
+    }
+
     fn get_sync(&self, hash: &str) -> Result<Option<Bytes>, BlobError> {
         let path = self.path_of(hash);
         let bytes = match fs::read(&path) {
@@ -87,6 +129,14 @@ impl FsBlobStore {
 }
 
 impl BlobStore for FsBlobStore {
+    async fn put_many(&self, blocks: Vec<(String, Bytes)>) -> Result<(), BlobError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.put_many_sync(&blocks))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(())
+    }
+
     async fn delete(&self, hash: &str) -> Result<(), BlobError> {
         match tokio::fs::remove_file(self.path_of(hash)).await {
             Ok(()) => Ok(()),

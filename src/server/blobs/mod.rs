@@ -26,6 +26,18 @@ pub trait BlobStore: Send + Sync + 'static {
     fn put(&self, hash: &str, bytes: Bytes) -> impl Future<Output = Result<(), BlobError>> + Send;
     /// The block's bytes, verified against `hash`, or `None` when the store lacks it.
     fn get(&self, hash: &str) -> impl Future<Output = Result<Option<Bytes>, BlobError>> + Send;
+    /// Stores several blocks, all durable when it returns; may batch the durability work.
+    fn put_many(
+        &self,
+        blocks: Vec<(String, Bytes)>,
+    ) -> impl Future<Output = Result<(), BlobError>> + Send {
+        async move {
+            for (hash, bytes) in blocks {
+                self.put(&hash, bytes).await?;
+            }
+            Ok(())
+        }
+    }
     /// Deletes a block's bytes (garbage collection); deleting a missing block is not an error.
     fn delete(&self, hash: &str) -> impl Future<Output = Result<(), BlobError>> + Send;
     /// Checks a block without changing anything: present, and with `read_data` that its bytes

@@ -108,13 +108,16 @@ pub trait MetaStore: Send + Sync + 'static {
         user: &User,
         hashes: &[String],
     ) -> impl Future<Output = StoreResult<HashSet<String>>> + Send;
-    fn block_exists(&self, hash: &str) -> impl Future<Output = StoreResult<bool>> + Send;
-    /// Records that the blob store durably holds `hash` (call only after the bytes are durable)
-    /// and that `user_id` proved possession of it.
-    fn record_block(
+    /// Of `hashes`, those whose bytes the server holds (whoever uploaded them).
+    fn existing_blocks(
         &self,
-        hash: &str,
-        size: u64,
+        hashes: &[String],
+    ) -> impl Future<Output = StoreResult<HashSet<String>>> + Send;
+    /// Records, in one transaction, that the blob store durably holds these blocks (call only
+    /// after the bytes are durable) and that `user_id` proved possession of them.
+    fn record_blocks(
+        &self,
+        blocks: &[(String, u64)],
         user_id: i64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
 
@@ -125,6 +128,14 @@ pub trait MetaStore: Send + Sync + 'static {
         actor: &Actor,
         req: &CommitRequest,
     ) -> impl Future<Output = StoreResult<(i64, i64)>> + Send;
+    /// Commits several files in one transaction (one durable write), each on its own: one
+    /// refused commit does not affect the others.
+    fn commit_files(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        reqs: &[CommitRequest],
+    ) -> impl Future<Output = StoreResult<Vec<StoreResult<(i64, i64)>>>> + Send;
     /// Creates a folder (and any missing ancestors). Idempotent.
     fn mkdir(
         &self,

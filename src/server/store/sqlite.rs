@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{Actor, MetaStore, StoreError, StoreResult, User};
 use crate::protocol::{
@@ -158,17 +158,17 @@ impl SqliteStore {
     }
 
     /// Takes the namespace's write lock and returns its current head.
-    async fn lock_ns(tx: &mut Transaction<'_, Sqlite>, ns: i64) -> StoreResult<i64> {
+    async fn lock_ns(tx: &mut SqliteConnection, ns: i64) -> StoreResult<i64> {
         sqlx::query_scalar("UPDATE namespaces SET head = head WHERE id = ? RETURNING head")
             .bind(ns)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("namespace {ns} does not exist")))
     }
 
     /// Appends one journal row; returns its id (the new head).
     async fn append(
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut SqliteConnection,
         ns: i64,
         actor: &Actor,
         c: &Change<'_>,
@@ -176,7 +176,7 @@ impl SqliteStore {
         let id: i64 =
             sqlx::query_scalar("UPDATE namespaces SET head = head + 1 WHERE id = ? RETURNING head")
                 .bind(ns)
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *tx)
                 .await?;
         sqlx::query(
             "INSERT INTO journal (ns, id, op, path, old_path, kind, size, content_hash, blocks,
@@ -197,20 +197,20 @@ impl SqliteStore {
         .bind(actor.user_id)
         .bind(actor.device.as_deref())
         .bind(now())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
         Ok(id)
     }
 
     async fn kind_at(
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut SqliteConnection,
         ns: i64,
         path: &str,
     ) -> StoreResult<Option<(EntryKind, i64)>> {
         let row = sqlx::query("SELECT kind, rev FROM files WHERE ns = ? AND path = ?")
             .bind(ns)
             .bind(path)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx)
             .await?;
         match row {
             None => Ok(None),
@@ -221,7 +221,7 @@ impl SqliteStore {
     /// Makes sure every ancestor of `path` is a folder, creating missing ones (each a journal
     /// row); refuses when an ancestor is a file.
     async fn ensure_ancestors(
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut SqliteConnection,
         ns: i64,
         actor: &Actor,
         path: &str,
@@ -247,7 +247,7 @@ impl SqliteStore {
     }
 
     async fn insert_dir(
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut SqliteConnection,
         ns: i64,
         actor: &Actor,
         dir: &str,
@@ -268,15 +268,15 @@ impl SqliteStore {
             .bind(ns)
             .bind(dir)
             .bind(rev)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
         Ok(())
     }
 
     /// Writes a file version: a commit (`op` None: add or modify, with the parent revision
     /// checked) or a restore (no parent check). See the module invariants.
-    async fn write_file(
-        &self,
+    async fn write_file_in(
+        tx: &mut SqliteConnection,
         ns: i64,
         actor: &Actor,
         req: &CommitRequest,
@@ -293,8 +293,7 @@ impl SqliteStore {
                 "content_hash does not match the block list".into(),
             ));
         }
-        let mut tx = self.pool.begin().await?;
-        let head = Self::lock_ns(&mut tx, ns).await?;
+        let head = Self::lock_ns(tx, ns).await?;
 
         // Every referenced block must be durable already: that is what makes a commit safe to
         // show to other devices.
@@ -341,6 +340,16 @@ impl SqliteStore {
             }
             current_rev = Some(row.try_get::<i64, _>("rev")?);
         }
+        // The server already has exactly this: success, whatever the parent revision, so a
+        // commit retried after a lost answer (or made by two devices alike) is a no-op.
+        if let (Some(row), Some(rev)) = (&current, current_rev) {
+            let same_hash = row.try_get::<Option<String>, _>("content_hash")?.as_deref()
+                == Some(req.content_hash.as_str());
+            let same_exec = (row.try_get::<i64, _>("executable")? != 0) == req.executable;
+            if same_hash && same_exec {
+                return Ok((rev, head));
+            }
+        }
         if op.is_none() && req.parent_rev != current_rev {
             return Err(StoreError::Conflict {
                 message: format!(
@@ -351,15 +360,7 @@ impl SqliteStore {
                 current_rev,
             });
         }
-        if let (Some(row), Some(rev)) = (&current, current_rev) {
-            let same_hash = row.try_get::<Option<String>, _>("content_hash")?.as_deref()
-                == Some(req.content_hash.as_str());
-            let same_exec = (row.try_get::<i64, _>("executable")? != 0) == req.executable;
-            if same_hash && same_exec {
-                return Ok((rev, head));
-            }
-        }
-        Self::ensure_ancestors(&mut tx, ns, actor, path).await?;
+        Self::ensure_ancestors(tx, ns, actor, path).await?;
 
         let blocks = join_blocks(&req.blocks);
         let change = Change {
@@ -377,7 +378,7 @@ impl SqliteStore {
             mtime: req.mtime,
             executable: req.executable,
         };
-        let rev = Self::append(&mut tx, ns, actor, &change).await?;
+        let rev = Self::append(tx, ns, actor, &change).await?;
         sqlx::query(
             "INSERT INTO files (ns, path, kind, rev, size, content_hash, blocks, mtime, executable)
              VALUES (?, ?, 'file', ?, ?, ?, ?, ?, ?)
@@ -409,8 +410,20 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
         Ok((rev, rev))
+    }
+
+    async fn write_file(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        req: &CommitRequest,
+        op: Option<JournalOp>,
+    ) -> StoreResult<(i64, i64)> {
+        let mut tx = self.pool.begin().await?;
+        let r = Self::write_file_in(&mut tx, ns, actor, req, op).await?;
+        tx.commit().await?;
+        Ok(r)
     }
 }
 
@@ -586,33 +599,71 @@ impl MetaStore for SqliteStore {
         Ok(present)
     }
 
-    async fn block_exists(&self, hash: &str) -> StoreResult<bool> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM blocks WHERE hash = ?")
-            .bind(hash)
-            .fetch_optional(&self.pool)
+    async fn existing_blocks(&self, hashes: &[String]) -> StoreResult<HashSet<String>> {
+        let mut out = HashSet::new();
+        for batch in hashes.chunks(MAX_MISSING_BATCH) {
+            let json =
+                serde_json::to_string(batch).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT hash FROM blocks WHERE hash IN (SELECT value FROM json_each(?))",
+            )
+            .bind(json)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(found.is_some())
+            out.extend(rows);
+        }
+        Ok(out)
     }
 
-    async fn record_block(&self, hash: &str, size: u64, user_id: i64) -> StoreResult<()> {
+    async fn record_blocks(&self, blocks: &[(String, u64)], user_id: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT OR IGNORE INTO blocks (hash, size, created_at) VALUES (?, ?, ?)")
+        let now = now();
+        for (hash, size) in blocks {
+            sqlx::query("INSERT OR IGNORE INTO blocks (hash, size, created_at) VALUES (?, ?, ?)")
+                .bind(hash)
+                .bind(*size as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO uploads (user_id, hash, uploaded_at) VALUES (?, ?, ?)
+                 ON CONFLICT (user_id, hash) DO UPDATE SET uploaded_at = excluded.uploaded_at",
+            )
+            .bind(user_id)
             .bind(hash)
-            .bind(size as i64)
-            .bind(now())
+            .bind(now)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO uploads (user_id, hash, uploaded_at) VALUES (?, ?, ?)
-             ON CONFLICT (user_id, hash) DO UPDATE SET uploaded_at = excluded.uploaded_at",
-        )
-        .bind(user_id)
-        .bind(hash)
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn commit_files(
+        &self,
+        ns: i64,
+        actor: &Actor,
+        reqs: &[CommitRequest],
+    ) -> StoreResult<Vec<StoreResult<(i64, i64)>>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            // A savepoint per file: a refused commit rolls back alone.
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            match Self::write_file_in(&mut sp, ns, actor, req, None).await {
+                Ok(r) => {
+                    sp.commit().await?;
+                    out.push(Ok(r));
+                }
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                Err(e) => {
+                    sp.rollback().await?;
+                    out.push(Err(e));
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn commit_file(
@@ -713,10 +764,11 @@ impl MetaStore for SqliteStore {
         }
         let rows = sqlx::query(
             "SELECT b.hash, b.size FROM blocks b
-             WHERE b.created_at <= ?1 AND b.last_ref <= ?1
+             WHERE b.created_at <= ?1 AND b.last_ref <= ?1 AND b.last_ref < ?2
                AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.hash = b.hash AND u.uploaded_at > ?1)",
         )
         .bind(now - grace_secs)
+        .bind(now)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::new();
