@@ -96,10 +96,37 @@ pub fn digest_reader<R: Read + Send>(reader: R, params: ChunkParams) -> io::Resu
     })
 }
 
-/// Chunks and hashes a file, streaming it.
+/// Files up to this size are read whole and hashed on the calling thread: for the many small
+/// files of a typical tree, a pipeline's threads and buffers would cost more than the hashing.
+pub const SMALL_FILE: u64 = 4 << 20;
+
+/// Chunks and hashes a file, streaming it (small files: in one read).
 pub fn digest_file(path: &Path, params: ChunkParams) -> io::Result<Digest> {
-    let file = File::open(path)?;
+    let mut file = File::open(path)?;
+    if file.metadata()?.len() <= SMALL_FILE {
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)?;
+        return Ok(digest_bytes(&data, params));
+    }
     digest_reader(BufReader::with_capacity(1 << 20, file), params)
+}
+
+/// Chunks and hashes bytes in memory, on the calling thread.
+pub fn digest_bytes(data: &[u8], params: ChunkParams) -> Digest {
+    let blocks: Vec<BlockRef> =
+        fastcdc::v2020::FastCDC::new(data, params.min, params.avg, params.max)
+            .map(|c| BlockRef {
+                hash: protocol::block_hash(&data[c.offset..c.offset + c.length]),
+                offset: c.offset as u64,
+                len: c.length as u32,
+            })
+            .collect();
+    let content_hash = protocol::content_hash(&blocks.iter().map(|b| &b.hash).collect::<Vec<_>>());
+    Digest {
+        size: data.len() as u64,
+        blocks,
+        content_hash,
+    }
 }
 
 /// Reads one block of a file back (for upload) and checks it still hashes to its id; `Ok(None)`
@@ -177,6 +204,18 @@ mod tests {
             offset += b.len as u64;
         }
         assert_eq!(offset, data.len() as u64);
+    }
+
+    #[test]
+    fn in_memory_and_streaming_digests_agree() {
+        for len in [0, 1, 1000, 300_000, 3 << 20, 9 << 20] {
+            let data = random_bytes(len, len as u64 + 1);
+            assert_eq!(
+                digest_bytes(&data, ChunkParams::DEFAULT),
+                digest_reader(&data[..], ChunkParams::DEFAULT).unwrap(),
+                "length {len}"
+            );
+        }
     }
 
     #[test]

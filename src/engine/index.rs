@@ -87,31 +87,33 @@ impl Index {
     }
 
     pub async fn load(&self) -> Result<SyncedTree, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM entries")
-            .fetch_all(&self.pool)
-            .await?;
+        use futures::TryStreamExt;
+        // Columns by position, rows streamed: this runs on every sync over every file.
+        let mut rows = sqlx::query(
+            "SELECT path, ns, kind, size, mtime_ns, inode, executable, content_hash, blocks,
+                    block_lens, rev FROM entries",
+        )
+        .fetch(&self.pool);
         let mut tree = SyncedTree::new();
-        for r in rows {
-            let kind: String = r.try_get("kind")?;
-            let blocks: String = r.try_get("blocks")?;
+        while let Some(r) = rows.try_next().await? {
+            let kind: &str = r.try_get(2)?;
+            let blocks: &str = r.try_get(8)?;
+            let lens: &str = r.try_get(9)?;
             tree.insert(
-                r.try_get("path")?,
+                r.try_get(0)?,
                 SyncedEntry {
-                    ns: r.try_get("ns")?,
-                    kind: EntryKind::parse(&kind).ok_or_else(|| {
+                    ns: r.try_get(1)?,
+                    kind: EntryKind::parse(kind).ok_or_else(|| {
                         sqlx::Error::Decode(format!("bad kind {kind:?} in the index").into())
                     })?,
-                    size: r.try_get::<i64, _>("size")? as u64,
-                    mtime_ns: r.try_get("mtime_ns")?,
-                    inode: r.try_get::<i64, _>("inode")? as u64,
-                    executable: r.try_get::<i64, _>("executable")? != 0,
-                    content_hash: r.try_get("content_hash")?,
-                    blocks: split_list(&blocks),
-                    block_lens: split_list(r.try_get("block_lens")?)
-                        .iter()
-                        .filter_map(|l| l.parse().ok())
-                        .collect(),
-                    rev: r.try_get("rev")?,
+                    size: r.try_get::<i64, _>(3)? as u64,
+                    mtime_ns: r.try_get(4)?,
+                    inode: r.try_get::<i64, _>(5)? as u64,
+                    executable: r.try_get::<i64, _>(6)? != 0,
+                    content_hash: r.try_get(7)?,
+                    blocks: split_list(blocks),
+                    block_lens: lens.split(',').filter_map(|l| l.parse().ok()).collect(),
+                    rev: r.try_get(10)?,
                 },
             );
         }
@@ -175,25 +177,28 @@ impl Index {
 
     /// The stored remote tree of `ns`, keyed by path relative to the folder.
     pub async fn load_remote(&self, ns: i64) -> Result<BTreeMap<String, Entry>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM remote_entries WHERE ns = ?")
-            .bind(ns)
-            .fetch_all(&self.pool)
-            .await?;
+        use futures::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT path, kind, rev, size, content_hash, mtime, executable, blocks
+             FROM remote_entries WHERE ns = ?",
+        )
+        .bind(ns)
+        .fetch(&self.pool);
         let mut tree = BTreeMap::new();
-        for r in rows {
-            let kind: String = r.try_get("kind")?;
-            let path: String = r.try_get("path")?;
+        while let Some(r) = rows.try_next().await? {
+            let kind: &str = r.try_get(1)?;
+            let path: String = r.try_get(0)?;
             let entry = Entry {
                 path: path.clone(),
-                kind: EntryKind::parse(&kind).ok_or_else(|| {
+                kind: EntryKind::parse(kind).ok_or_else(|| {
                     sqlx::Error::Decode(format!("bad kind {kind:?} in the index").into())
                 })?,
-                rev: r.try_get("rev")?,
-                size: r.try_get::<i64, _>("size")? as u64,
-                content_hash: r.try_get("content_hash")?,
-                mtime: r.try_get("mtime")?,
-                executable: r.try_get::<i64, _>("executable")? != 0,
-                blocks: split_list(r.try_get("blocks")?),
+                rev: r.try_get(2)?,
+                size: r.try_get::<i64, _>(3)? as u64,
+                content_hash: r.try_get(4)?,
+                mtime: r.try_get(5)?,
+                executable: r.try_get::<i64, _>(6)? != 0,
+                blocks: split_list(r.try_get(7)?),
             };
             tree.insert(path, entry);
         }

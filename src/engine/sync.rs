@@ -393,9 +393,12 @@ pub async fn run(
             message: format!("remote path: {e}"),
         })
     })?;
+    let t0 = std::time::Instant::now();
     let index = Index::open(&folder.index_path(), true).await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "index opened");
     let (remote_tree, remote_ops, cursor, replaced) =
         fetch_remote(&index, remote, &remote_root, &info.epoch).await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "remote tree loaded");
     // The server's metadata is not the one this folder synced with (restored from a backup,
     // or rebuilt): its revisions mean nothing, so sync as if for the first time. Nothing is
     // deleted on either side then; what the server lacks is uploaded again.
@@ -404,11 +407,13 @@ pub async fn run(
     } else {
         index.load().await?
     };
+    tracing::debug!(elapsed = ?t0.elapsed(), "index loaded");
 
     let root = folder.root.clone();
     let scan = blocking(move || scanner::scan(&root))
         .await
         .map_err(io_at(&folder.root))?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "scanned");
 
     // A file that vanished from the index's view and reappeared elsewhere with the same inode,
     // size and mtime was renamed: its content hash is known without reading it.
@@ -459,6 +464,7 @@ pub async fn run(
         );
     }
     let digests = hash_files(&folder.root, to_hash, info.chunk, &progress, &mut report).await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "hashed");
     let mut local = local_states(&scan, &synced, &digests);
     for (path, hash) in &renamed {
         if let Some(l) = local.get_mut(path) {
@@ -591,8 +597,10 @@ pub async fn run(
         }
     }
     let result = ctx.apply(&plan.actions).await;
+    tracing::debug!(elapsed = ?t0.elapsed(), "applied");
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ctx.ops).await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "index written");
     index.close().await;
     result?;
     Ok(ctx.report)
@@ -734,6 +742,19 @@ impl Apply<'_> {
     }
 
     async fn apply(&mut self, actions: &[Action]) -> Result<(), EngineError> {
+        // Folders that will hold an uploaded file.
+        let mut filled: HashSet<&str> = HashSet::new();
+        for a in actions {
+            if let Action::Upload { path, .. } | Action::ConflictCopy { copy: path, .. } = a {
+                let mut p = path.as_str();
+                while let Some((parent, _)) = p.rsplit_once('/') {
+                    if !filled.insert(parent) {
+                        break;
+                    }
+                    p = parent;
+                }
+            }
+        }
         let mut uploads = Vec::new();
         let mut downloads = Vec::new();
         for a in actions {
@@ -743,9 +764,15 @@ impl Apply<'_> {
                 Action::DeleteRemote { path, rev } => self.delete_remote(path, *rev).await?,
                 Action::DeleteLocal { path, kind } => self.delete_local(path, *kind)?,
                 Action::MkdirRemote { path } => {
-                    let resp = self.remote.mkdir(&self.remote_path(path)).await?;
+                    // A folder that receives a file is created by that file's commit (the
+                    // server makes missing parents); only empty ones need a request.
+                    let rev = if filled.contains(path.as_str()) {
+                        0
+                    } else {
+                        self.remote.mkdir(&self.remote_path(path)).await?.rev
+                    };
                     self.report.folders_created += 1;
-                    self.record_dir(path, resp.rev);
+                    self.record_dir(path, rev);
                 }
                 Action::MkdirLocal { path } => {
                     let full = self.root.join(path);
