@@ -19,6 +19,9 @@ _dbx() {
             dbx,admin)
                 cmd="dbx__subcmd__admin"
                 ;;
+            dbx,cat)
+                cmd="dbx__subcmd__cat"
+                ;;
             dbx,completions)
                 cmd="dbx__subcmd__completions"
                 ;;
@@ -139,6 +142,9 @@ _dbx() {
             dbx__subcmd__help,admin)
                 cmd="dbx__subcmd__help__subcmd__admin"
                 ;;
+            dbx__subcmd__help,cat)
+                cmd="dbx__subcmd__help__subcmd__cat"
+                ;;
             dbx__subcmd__help,completions)
                 cmd="dbx__subcmd__help__subcmd__completions"
                 ;;
@@ -212,7 +218,7 @@ _dbx() {
 
     case "${cmd}" in
         dbx)
-            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status watch history restore ls completions help"
+            opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version serve admin login logout init push pull sync status watch cat history restore ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -717,6 +723,32 @@ _dbx() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        dbx__subcmd__cat)
+            opts="-q -v -C -h -V --range --json --quiet --verbose --dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --range)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -C)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         dbx__subcmd__completions)
             opts="-q -v -C -h -V --json --quiet --verbose --dir --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -740,7 +772,7 @@ _dbx() {
             return 0
             ;;
         dbx__subcmd__help)
-            opts="serve admin login logout init push pull sync status watch history restore ls completions help"
+            opts="serve admin login logout init push pull sync status watch cat history restore ls completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -868,6 +900,20 @@ _dbx() {
         dbx__subcmd__help__subcmd__admin__subcmd__user__subcmd__passwd)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        dbx__subcmd__help__subcmd__cat)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

@@ -77,6 +77,8 @@ pub enum Command {
     Status,
     /// Sync continuously: on local changes and on changes from other devices
     Watch(WatchArgs),
+    /// Print a file from the server (all of it, or a byte range), streamed
+    Cat(CatArgs),
     /// Every revision of a file (or, with --all, the recent changes in a folder)
     History(HistoryArgs),
     /// Bring back a revision of a file, or rewind a folder to a moment
@@ -210,6 +212,15 @@ pub struct TransferArgs {
     /// files that are also more than half of the folder)
     #[arg(long, value_name = "N")]
     pub max_delete: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    /// A file: local path in the synced folder, or server path starting with `/`
+    pub path: String,
+    /// Only bytes START to END (inclusive, from 0), as `START-END`, `START-` or `-LAST_N`
+    #[arg(long, value_name = "START-END")]
+    pub range: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -38,6 +38,7 @@ pub mod routes {
     pub const JOURNAL: &str = "/journal";
     pub const LONGPOLL: &str = "/longpoll";
     pub const FILES_HISTORY: &str = "/files/history";
+    pub const FILES_CONTENT: &str = "/files/content";
     pub const FILES_RESTORE: &str = "/files/restore";
 
     /// The URL path of one block.

@@ -2,6 +2,7 @@
 //! prints the outcome through the [`Printer`].
 
 mod admin;
+mod cat;
 mod history;
 mod init;
 mod login;
@@ -62,6 +63,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
         Command::Ls(a) => ls::run(a, &g, printer).await,
         Command::Watch(a) => watch::run(a, &g, printer).await,
         Command::History(a) => history::run(a, &g, printer).await,
+        Command::Cat(a) => cat::run(a, &g).await,
         Command::Restore(a) => restore::run(a, &g, printer).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -405,6 +405,46 @@ impl Remote {
         .await
     }
 
+    /// A file's bytes (or the inclusive byte range `range`, HTTP syntax: `A-B`, `A-`, `-N`),
+    /// as a response to stream.
+    pub async fn content(
+        &self,
+        path: &str,
+        range: Option<&str>,
+    ) -> RemoteResult<reqwest::Response> {
+        let mut rb = self
+            .request(Method::GET, r::FILES_CONTENT)
+            .query(&[("path", path)]);
+        if let Some(range) = range {
+            rb = rb.header(reqwest::header::RANGE, format!("bytes={range}"));
+        }
+        let resp = rb.send().await.map_err(|e| self.transport(e))?;
+        if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+            let size = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes */"))
+                .unwrap_or("?")
+                .to_string();
+            return Err(RemoteError::Refused {
+                status: 416,
+                code: "range_not_satisfiable".into(),
+                message: format!("the range starts past the end of the file ({size} bytes)"),
+                missing: None,
+            });
+        }
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        // Reuse the common error mapping.
+        self.send(
+            self.request(Method::GET, r::FILES_CONTENT)
+                .query(&[("path", path)]),
+        )
+        .await
+    }
+
     pub async fn history(&self, path: &str, limit: u32) -> RemoteResult<p::HistoryResponse> {
         self.json(
             self.request(Method::GET, r::FILES_HISTORY)

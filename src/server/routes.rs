@@ -13,6 +13,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 
 use super::auth::{self, Caller};
 use super::blobs::BlobStore;
@@ -56,6 +57,7 @@ pub fn router<M: MetaStore, B: BlobStore>(app: Arc<App<M, B>>) -> Router {
         .route(r::JOURNAL, get(journal::<M, B>))
         .route(r::LONGPOLL, get(longpoll::<M, B>))
         .route(r::FILES_HISTORY, get(history::<M, B>))
+        .route(r::FILES_CONTENT, get(content::<M, B>))
         .route(r::FILES_RESTORE, post(restore::<M, B>));
     Router::new()
         .nest(p::API_PREFIX, api)
@@ -167,20 +169,25 @@ async fn put_block<M: MetaStore, B: BlobStore>(
         });
     }
     let size = body.len() as u64;
-    let held = app
-        .store
-        .existing_blocks(std::slice::from_ref(&hash))
-        .await?;
-    let stored = if held.contains(&hash) {
-        false
-    } else {
-        // Durable first, recorded second: a block row always has its bytes behind it.
-        app.blobs.put(&hash, body).await?;
-        true
-    };
-    app.store
-        .record_blocks(&[(hash.clone(), size)], caller.user.id)
-        .await?;
+    let user = caller.user.id;
+    let (app2, hash2) = (app.clone(), hash.clone());
+    // In a task of its own: a client that disconnects mid-request must not leave bytes on disk
+    // without their row.
+    let stored = tokio::spawn(async move {
+        let held = app2
+            .store
+            .existing_blocks(std::slice::from_ref(&hash2))
+            .await?;
+        let stored = !held.contains(&hash2);
+        if stored {
+            // Durable first, recorded second: a block row always has its bytes behind it.
+            app2.blobs.put(&hash2, body).await?;
+        }
+        app2.store.record_blocks(&[(hash2, size)], user).await?;
+        Ok::<_, ApiError>(stored)
+    })
+    .await
+    .map_err(|e| ApiError::BadRequest(e.to_string()))??;
     let status = if stored {
         StatusCode::CREATED
     } else {
@@ -453,13 +460,20 @@ async fn put_blocks<M: MetaStore, B: BlobStore>(
         .cloned()
         .collect();
     let stored = new.len() as u64;
-    // Durable first, recorded second: a block row always has its bytes behind it.
-    app.blobs.put_many(new).await?;
     let sizes: Vec<(String, u64)> = checked
         .iter()
         .map(|(h, b)| (h.clone(), b.len() as u64))
         .collect();
-    app.store.record_blocks(&sizes, caller.user.id).await?;
+    let user = caller.user.id;
+    // In a task of its own, so a disconnecting client cannot leave bytes without rows.
+    tokio::spawn(async move {
+        // Durable first, recorded second: a block row always has its bytes behind it.
+        app.blobs.put_many(new).await?;
+        app.store.record_blocks(&sizes, user).await?;
+        Ok::<_, ApiError>(())
+    })
+    .await
+    .map_err(|e| ApiError::BadRequest(e.to_string()))??;
     Ok(Json(p::PutBlocksResponse {
         stored,
         already_held: hashes.len() as u64 - stored,
@@ -554,4 +568,120 @@ async fn commit_batch<M: MetaStore, B: BlobStore>(
         app.hub.publish(ns, head);
     }
     Ok(Json(p::CommitBatchResponse { results }))
+}
+
+/// A `Range: bytes=…` header resolved against a size: `Ok(None)` for the whole file (no header,
+/// or one this server does not serve, such as several ranges), `Err(())` when unsatisfiable.
+fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(s), Ok(e)) if s <= e => (s, e.min(size.saturating_sub(1))),
+        (Ok(s), Err(_)) if b.is_empty() => (s, size.saturating_sub(1)),
+        (Err(_), Ok(n)) if a.is_empty() && n > 0 => {
+            (size.saturating_sub(n), size.saturating_sub(1))
+        }
+        _ => return Ok(None),
+    };
+    if start >= size {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+/// A whole file, or one byte range of it, streamed block by block (never whole in memory).
+async fn content<M: MetaStore, B: BlobStore>(
+    State(app): AppState<M, B>,
+    caller: Caller,
+    Query(q): Query<PathQuery>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    let path = p::normalize_path(&q.path)?;
+    let entry = app
+        .store
+        .meta(caller.user.root_ns, &path)
+        .await?
+        .filter(|e| e.kind == p::EntryKind::File)
+        .ok_or_else(|| ApiError::NotFound(format!("/{path} is not a file on the server")))?;
+    let size = entry.size;
+    let etag = format!("\"{}\"", entry.content_hash.clone().unwrap_or_default());
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (start, end, status) = match parse_range(range, size) {
+        Ok(Some((s, e))) => (s, e, StatusCode::PARTIAL_CONTENT),
+        Ok(None) => (0, size.saturating_sub(1), StatusCode::OK),
+        Err(()) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            )
+                .into_response())
+        }
+    };
+    let sizes = app.store.block_sizes(&entry.blocks).await?;
+    // The blocks overlapping [start, end], with the part of each to send.
+    let mut parts = Vec::new();
+    let mut offset = 0u64;
+    for h in &entry.blocks {
+        let len = *sizes
+            .get(h)
+            .ok_or_else(|| ApiError::NotFound(format!("block {h} not found")))?;
+        let (b_start, b_end) = (offset, offset + len);
+        if size > 0 && b_end > start && b_start <= end {
+            let from = start.saturating_sub(b_start) as usize;
+            let to = ((end + 1).min(b_end) - b_start) as usize;
+            parts.push((h.clone(), from, to));
+        }
+        offset = b_end;
+    }
+    let length = if size == 0 { 0 } else { end - start + 1 };
+    let app2 = app.clone();
+    let body = futures::stream::iter(parts).then(move |(h, from, to)| {
+        let app = app2.clone();
+        async move {
+            match app.blobs.get(&h).await {
+                Ok(Some(b)) => Ok(b.slice(from..to)),
+                Ok(None) => Err(std::io::Error::other(format!("block {h} is missing"))),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            }
+        }
+    });
+    let mut resp = axum::response::Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, length)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, etag);
+    if status == StatusCode::PARTIAL_CONTENT {
+        resp = resp.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+    }
+    resp.body(axum::body::Body::from_stream(body))
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-0"), 10), Ok(Some((0, 0))));
+        assert_eq!(parse_range(Some("bytes=2-5"), 10), Ok(Some((2, 5))));
+        assert_eq!(parse_range(Some("bytes=8-"), 10), Ok(Some((8, 9))));
+        assert_eq!(parse_range(Some("bytes=5-100"), 10), Ok(Some((5, 9))));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
+        assert_eq!(parse_range(Some("bytes=-30"), 10), Ok(Some((0, 9))));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), Ok(None));
+        assert_eq!(parse_range(Some("items=1-2"), 10), Ok(None));
+    }
 }

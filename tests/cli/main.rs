@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod content;
 mod errors;
 mod history;
 mod live;

@@ -113,6 +113,11 @@ pub trait MetaStore: Send + Sync + 'static {
         &self,
         hashes: &[String],
     ) -> impl Future<Output = StoreResult<HashSet<String>>> + Send;
+    /// The sizes of these blocks (those the server holds).
+    fn block_sizes(
+        &self,
+        hashes: &[String],
+    ) -> impl Future<Output = StoreResult<std::collections::HashMap<String, u64>>> + Send;
     /// Records, in one transaction, that the blob store durably holds these blocks (call only
     /// after the bytes are durable) and that `user_id` proved possession of them.
     fn record_blocks(

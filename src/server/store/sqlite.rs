@@ -615,6 +615,27 @@ impl MetaStore for SqliteStore {
         Ok(out)
     }
 
+    async fn block_sizes(
+        &self,
+        hashes: &[String],
+    ) -> StoreResult<std::collections::HashMap<String, u64>> {
+        let mut out = std::collections::HashMap::new();
+        for batch in hashes.chunks(MAX_MISSING_BATCH) {
+            let json =
+                serde_json::to_string(batch).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let rows = sqlx::query(
+                "SELECT hash, size FROM blocks WHERE hash IN (SELECT value FROM json_each(?))",
+            )
+            .bind(json)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                out.insert(r.try_get("hash")?, r.try_get::<i64, _>("size")? as u64);
+            }
+        }
+        Ok(out)
+    }
+
     async fn record_blocks(&self, blocks: &[(String, u64)], user_id: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let now = now();

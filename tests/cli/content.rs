@@ -1,0 +1,193 @@
+//! Ranged downloads (`files/content`, `dbx cat`) and resumable uploads.
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+async fn token(server: &Server) -> String {
+    let resp: Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/login", server.url))
+        .json(&json!({"user": "alice", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["token"].as_str().unwrap().to_string()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn ranges_return_exactly_the_requested_bytes() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng::new(11).bytes(9 << 20);
+    write_file(&dir.path().join("big.bin"), &data);
+    dev.init(dir.path());
+    dev.ok(dir.path(), &["push"]);
+    let tok = token(&server).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/files/content?path=big.bin", server.url);
+    let n = data.len();
+
+    let full = http.get(&url).bearer_auth(&tok).send().await.unwrap();
+    assert_eq!(full.status(), 200);
+    let etag = full.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(full.bytes().await.unwrap().to_vec(), data);
+    let listing = dev.json(dir.path(), &["ls"]);
+    assert_eq!(
+        etag,
+        format!(
+            "\"{}\"",
+            listing["entries"][0]["content_hash"].as_str().unwrap()
+        )
+    );
+
+    // first, middle (across block boundaries), last, open-ended and suffix ranges
+    for (spec, lo, hi) in [
+        ("0-99", 0, 99),
+        ("1000000-3500000", 1_000_000, 3_500_000),
+        (&format!("{}-{}", n - 10, n - 1)[..], n - 10, n - 1),
+        (&format!("{}-", n - 5000)[..], n - 5000, n - 1),
+        ("-777", n - 777, n - 1),
+        (&format!("5-{}", n + 100)[..], 5, n - 1),
+    ] {
+        let resp = http
+            .get(&url)
+            .bearer_auth(&tok)
+            .header("range", format!("bytes={spec}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 206, "{spec}");
+        assert_eq!(
+            resp.headers()["content-range"].to_str().unwrap(),
+            format!("bytes {lo}-{hi}/{n}"),
+            "{spec}"
+        );
+        let got = resp.bytes().await.unwrap();
+        assert_eq!(sha(&got), sha(&data[lo..=hi]), "{spec}");
+    }
+    let resp = http
+        .get(&url)
+        .bearer_auth(&tok)
+        .header("range", format!("bytes={n}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 416);
+    assert_eq!(
+        resp.headers()["content-range"].to_str().unwrap(),
+        format!("bytes */{n}")
+    );
+
+    // The same through the CLI.
+    let out = dev.ok(dir.path(), &["cat", "big.bin", "--range", "100-199"]);
+    assert_eq!(out.stdout, data[100..200]);
+    let out = dev.ok(dir.path(), &["cat", "/big.bin"]);
+    assert_eq!(sha(&out.stdout), sha(&data));
+    let out = dev.run(dir.path(), &["cat", "big.bin", "--range", &format!("{n}-")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("past the end"), "{}", stderr(&out));
+    let out = dev.run(dir.path(), &["cat", "nope.bin"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+}
+
+/// Chunks as dbx cuts them (FastCDC 2020, 256 KiB / 1 MiB / 4 MiB).
+fn chunks(data: &[u8]) -> Vec<&[u8]> {
+    fastcdc::v2020::FastCDC::new(data, 256 << 10, 1 << 20, 4 << 20)
+        .map(|c| &data[c.offset..c.offset + c.length])
+        .collect()
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_resumes_with_only_the_missing_blocks() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng::new(12).bytes(24 << 20);
+    write_file(&dir.path().join("video.bin"), &data);
+    dev.init(dir.path());
+
+    // What a push killed at ~80% leaves behind: the first 80% of the blocks, uncommitted.
+    let parts = chunks(&data);
+    assert!(parts.len() > 5);
+    let cut = parts.len() * 4 / 5;
+    let tok = token(&server).await;
+    let http = reqwest::Client::new();
+    for p in &parts[..cut] {
+        let resp = http
+            .put(format!("{}/api/v1/blocks/{}", server.url, sha(p)))
+            .bearer_auth(&tok)
+            .body(p.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+    let remaining: usize = parts[cut..].iter().map(|p| p.len()).sum();
+    let report = dev.json(dir.path(), &["push"]);
+    assert_eq!(report["block_bytes_sent"].as_u64(), Some(remaining as u64));
+    assert_eq!(
+        report["blocks_uploaded"].as_u64(),
+        Some((parts.len() - cut) as u64)
+    );
+    let out = dev.ok(dir.path(), &["cat", "video.bin"]);
+    assert_eq!(sha(&out.stdout), sha(&data));
+}
+
+#[test]
+fn a_push_killed_midway_resumes_without_resending_what_arrived() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng::new(13).bytes(40 << 20);
+    write_file(&dir.path().join("big.bin"), &data);
+    dev.init(dir.path());
+    let blocks_dir = server.data.path().join("blocks");
+    let count_blocks = || {
+        std::fs::read_dir(&blocks_dir)
+            .unwrap()
+            .filter_map(|d| d.ok())
+            .filter(|d| d.file_name().len() == 2)
+            .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+            .sum::<usize>()
+    };
+    let mut child = dev.cmd(dir.path()).arg("push").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count_blocks() < 3 && child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Uploads the server was processing when the client died still finish; let them.
+    let mut arrived = count_blocks();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = count_blocks();
+        if now == arrived {
+            break;
+        }
+        arrived = now;
+    }
+    let report = dev.json(dir.path(), &["push"]);
+    let total_blocks = chunks(&data).len() as u64;
+    let sent = report["blocks_uploaded"].as_u64().unwrap();
+    // Whatever reached the server before the kill is not sent again.
+    assert!(
+        sent + arrived as u64 <= total_blocks,
+        "sent {sent} again after {arrived} of {total_blocks} had arrived"
+    );
+    let out = dev.ok(dir.path(), &["cat", "big.bin"]);
+    assert_eq!(sha(&out.stdout), sha(&data));
+}
