@@ -1356,6 +1356,28 @@ fn stage_file(
     entry: &protocol::Entry,
     blocks: &[bytes::Bytes],
 ) -> Result<tempfile::TempPath, EngineError> {
+    let (dest, mut file, tmp_path) = temp_beside(root, path)?;
+    let mut size = 0u64;
+    for b in blocks {
+        file.write_all(b).map_err(io_at(&dest))?;
+        size += b.len() as u64;
+    }
+    if blocks.len() != entry.blocks.len() {
+        return Err(EngineError::Remote(RemoteError::Protocol(format!(
+            "/{path}: received {} blocks, expected {}",
+            blocks.len(),
+            entry.blocks.len()
+        ))));
+    }
+    finish_file(&file, entry, path, size, &dest)?;
+    Ok(tmp_path)
+}
+
+/// A temp file beside where `path` goes (its folder created if needed).
+fn temp_beside(
+    root: &Path,
+    path: &str,
+) -> Result<(PathBuf, File, tempfile::TempPath), EngineError> {
     let dest = root.join(path);
     let dir = dest.parent().unwrap_or(root).to_path_buf();
     fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -1363,24 +1385,30 @@ fn stage_file(
         .prefix(TEMP_PREFIX)
         .tempfile_in(&dir)
         .map_err(io_at(&dir))?;
-    let (mut file, tmp_path) = tmp.into_parts();
-    let mut size = 0u64;
-    for b in blocks {
-        file.write_all(b).map_err(io_at(&dest))?;
-        size += b.len() as u64;
-    }
-    if size != entry.size || blocks.len() != entry.blocks.len() {
+    let (file, tmp_path) = tmp.into_parts();
+    Ok((dest, file, tmp_path))
+}
+
+/// Checks a downloaded file's size, then gives it the entry's mode and mtime.
+fn finish_file(
+    file: &File,
+    entry: &protocol::Entry,
+    path: &str,
+    received: u64,
+    dest: &Path,
+) -> Result<(), EngineError> {
+    if received != entry.size {
         return Err(EngineError::Remote(RemoteError::Protocol(format!(
-            "/{path}: received {size} bytes, expected {}",
+            "/{path}: received {received} bytes, expected {}",
             entry.size
         ))));
     }
     let mode = if entry.executable { 0o755 } else { 0o644 };
     file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_at(&dest))?;
+        .map_err(io_at(dest))?;
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.mtime.max(0) as u64);
-    file.set_modified(mtime).map_err(io_at(&dest))?;
-    Ok(tmp_path)
+    file.set_modified(mtime).map_err(io_at(dest))?;
+    Ok(())
 }
 
 /// One block: from an unchanged local file when one holds it (re-verified), else the server.
@@ -1410,14 +1438,7 @@ async fn download_one(
     expected: Option<&LocalEntry>,
     progress: &Arc<dyn Progress>,
 ) -> Result<Option<Downloaded>, EngineError> {
-    let dest = root.join(path);
-    let dir = dest.parent().unwrap_or(root).to_path_buf();
-    fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(&dir)
-        .map_err(io_at(&dir))?;
-    let (mut file, tmp_path) = tmp.into_parts();
+    let (dest, mut file, tmp_path) = temp_beside(root, path)?;
     let mut got = Downloaded {
         blocks_fetched: 0,
         bytes_fetched: 0,
@@ -1442,17 +1463,7 @@ async fn download_one(
         file.write_all(&bytes).map_err(io_at(&dest))?;
         progress.advance(len);
     }
-    if received != entry.size {
-        return Err(EngineError::Remote(RemoteError::Protocol(format!(
-            "/{path}: received {received} bytes, expected {}",
-            entry.size
-        ))));
-    }
-    let mode = if entry.executable { 0o755 } else { 0o644 };
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_at(&dest))?;
-    let mtime = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.mtime.max(0) as u64);
-    file.set_modified(mtime).map_err(io_at(&dest))?;
+    finish_file(&file, entry, path, received, &dest)?;
     file.sync_all().map_err(io_at(&dest))?;
     drop(file);
     // The last check before the rename: the destination must be as expected.

@@ -1,26 +1,6 @@
 //! Ranged downloads (`files/content`, `dbx cat`) and resumable uploads.
 
-use serde_json::{json, Value};
-
 use crate::harness::*;
-
-async fn token(server: &Server) -> String {
-    let resp: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/login", server.url))
-        .json(&json!({"user": "alice", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    resp["token"].as_str().unwrap().to_string()
-}
-
-fn sha(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
 
 #[tokio::test]
 async fn ranges_return_exactly_the_requested_bytes() {
@@ -32,7 +12,7 @@ async fn ranges_return_exactly_the_requested_bytes() {
     write_file(&dir.path().join("big.bin"), &data);
     dev.init(dir.path());
     dev.ok(dir.path(), &["push"]);
-    let tok = token(&server).await;
+    let tok = api_token(&server, "alice").await;
     let http = reqwest::Client::new();
     let url = format!("{}/api/v1/files/content?path=big.bin", server.url);
     let n = data.len();
@@ -73,7 +53,7 @@ async fn ranges_return_exactly_the_requested_bytes() {
             "{spec}"
         );
         let got = resp.bytes().await.unwrap();
-        assert_eq!(sha(&got), sha(&data[lo..=hi]), "{spec}");
+        assert_eq!(sha_hex(&got), sha_hex(&data[lo..=hi]), "{spec}");
     }
     let resp = http
         .get(&url)
@@ -92,7 +72,7 @@ async fn ranges_return_exactly_the_requested_bytes() {
     let out = dev.ok(dir.path(), &["cat", "big.bin", "--range", "100-199"]);
     assert_eq!(out.stdout, data[100..200]);
     let out = dev.ok(dir.path(), &["cat", "/big.bin"]);
-    assert_eq!(sha(&out.stdout), sha(&data));
+    assert_eq!(sha_hex(&out.stdout), sha_hex(&data));
     let out = dev.run(dir.path(), &["cat", "big.bin", "--range", &format!("{n}-")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("past the end"), "{}", stderr(&out));
@@ -121,11 +101,11 @@ async fn an_interrupted_upload_resumes_with_only_the_missing_blocks() {
     let parts = chunks(&data);
     assert!(parts.len() > 5);
     let cut = parts.len() * 4 / 5;
-    let tok = token(&server).await;
+    let tok = api_token(&server, "alice").await;
     let http = reqwest::Client::new();
     for p in &parts[..cut] {
         let resp = http
-            .put(format!("{}/api/v1/blocks/{}", server.url, sha(p)))
+            .put(format!("{}/api/v1/blocks/{}", server.url, sha_hex(p)))
             .bearer_auth(&tok)
             .body(p.to_vec())
             .send()
@@ -141,7 +121,7 @@ async fn an_interrupted_upload_resumes_with_only_the_missing_blocks() {
         Some((parts.len() - cut) as u64)
     );
     let out = dev.ok(dir.path(), &["cat", "video.bin"]);
-    assert_eq!(sha(&out.stdout), sha(&data));
+    assert_eq!(sha_hex(&out.stdout), sha_hex(&data));
 }
 
 #[test]
@@ -189,5 +169,5 @@ fn a_push_killed_midway_resumes_without_resending_what_arrived() {
         "sent {sent} again after {arrived} of {total_blocks} had arrived"
     );
     let out = dev.ok(dir.path(), &["cat", "big.bin"]);
-    assert_eq!(sha(&out.stdout), sha(&data));
+    assert_eq!(sha_hex(&out.stdout), sha_hex(&data));
 }

@@ -4,24 +4,6 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-async fn token(server: &Server, user: &str) -> String {
-    let resp: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/login", server.url))
-        .json(&json!({"user": user, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    resp["token"].as_str().unwrap().to_string()
-}
-
-fn sha(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
 async fn journal_len(server: &Server, tok: &str) -> usize {
     let j: Value = reqwest::Client::new()
         .get(format!("{}/api/v1/journal?cursor=0", server.url))
@@ -38,9 +20,9 @@ async fn journal_len(server: &Server, tok: &str) -> usize {
 #[tokio::test]
 async fn block_with_wrong_hash_is_refused_and_not_stored() {
     let server = Server::start();
-    let tok = token(&server, "alice").await;
+    let tok = api_token(&server, "alice").await;
     let http = reqwest::Client::new();
-    let claimed = sha(b"what the client claims");
+    let claimed = sha_hex(b"what the client claims");
     let resp = http
         .put(format!("{}/api/v1/blocks/{claimed}", server.url))
         .bearer_auth(&tok)
@@ -74,8 +56,8 @@ async fn block_with_wrong_hash_is_refused_and_not_stored() {
 #[tokio::test]
 async fn commit_with_unknown_block_is_refused_and_journals_nothing() {
     let server = Server::start();
-    let tok = token(&server, "alice").await;
-    let never = sha(b"never uploaded");
+    let tok = api_token(&server, "alice").await;
+    let never = sha_hex(b"never uploaded");
     let content_hash = {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(hex::decode(&never).unwrap()))
@@ -99,9 +81,9 @@ async fn commit_with_unknown_block_is_refused_and_journals_nothing() {
 #[tokio::test]
 async fn path_traversal_is_refused() {
     let server = Server::start();
-    let tok = token(&server, "alice").await;
+    let tok = api_token(&server, "alice").await;
     let http = reqwest::Client::new();
-    let empty = sha(b"");
+    let empty = sha_hex(b"");
     for bad in [
         "../escape",
         "a/../../etc/passwd",
@@ -135,11 +117,11 @@ async fn path_traversal_is_refused() {
 #[tokio::test]
 async fn one_user_cannot_read_or_probe_another_users_blocks() {
     let server = Server::start();
-    let alice = token(&server, "alice").await;
-    let bob = token(&server, "bob").await;
+    let alice = api_token(&server, "alice").await;
+    let bob = api_token(&server, "bob").await;
     let http = reqwest::Client::new();
     let bytes = b"alice's secret".to_vec();
-    let hash = sha(&bytes);
+    let hash = sha_hex(&bytes);
     let put = http
         .put(format!("{}/api/v1/blocks/{hash}", server.url))
         .bearer_auth(&alice)

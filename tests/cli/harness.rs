@@ -277,3 +277,46 @@ pub fn assert_same(actual: &BTreeMap<String, String>, expected: &BTreeMap<String
     }
     assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
 }
+
+/// A bearer token for `user`, straight from the API.
+pub async fn api_token(server: &Server, user: &str) -> String {
+    let resp: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/login", server.url))
+        .json(&serde_json::json!({"user": user, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["token"].as_str().unwrap().to_string()
+}
+
+/// Lowercase hex SHA-256 (an implementation independent of dbx's).
+pub fn sha_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Parses the stdout of a `--json` run (whatever its exit code).
+pub fn parse_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}

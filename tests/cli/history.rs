@@ -5,11 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::harness::*;
 
@@ -25,17 +23,6 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
 }
 
-/// Parses the stdout of a `--json` run (whatever its exit code).
-fn parse(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            stderr(out)
-        )
-    })
-}
-
 fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -49,19 +36,6 @@ fn tick() {
     std::thread::sleep(Duration::from_millis(1100));
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// A Unix time as RFC 3339 in UTC (`2026-11-26T10:00:00Z`).
 fn rfc3339(secs: i64) -> String {
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
@@ -72,10 +46,6 @@ fn rfc3339(secs: i64) -> String {
         t % 3600 / 60,
         t % 60
     )
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// Logs `client` in as `user` with `DBX_DEVICE=device`, the name history records.
@@ -123,7 +93,11 @@ fn admin(client: &Client, data: &Path, args: &[&str]) -> (i32, Value, String) {
         .arg(data)
         .output()
         .expect("run dbx admin");
-    (out.status.code().unwrap_or(-1), parse(&out), stderr(&out))
+    (
+        out.status.code().unwrap_or(-1),
+        parse_json(&out),
+        stderr(&out),
+    )
 }
 
 /// Every block file on disk (`DATA/blocks/<2 hex>/<hash>`), by hash.
@@ -617,7 +591,7 @@ fn gc_frees_exactly_unreferenced_blocks() {
     }
     dev.json(&a, &["sync"]);
     let uploaded = block_files(data);
-    let original_hashes: BTreeSet<String> = originals.iter().map(|b| sha256_hex(b)).collect();
+    let original_hashes: BTreeSet<String> = originals.iter().map(|b| sha_hex(b)).collect();
     assert_eq!(
         uploaded, original_hashes,
         "one block file per (sub-256 KiB) file, named by its SHA-256"
@@ -643,7 +617,7 @@ fn gc_frees_exactly_unreferenced_blocks() {
     assert_eq!(n(&r, "files_uploaded"), 3, "{r}");
     let before = block_files(data);
     assert_eq!(before.len(), 11, "8 originals + 3 new versions");
-    let doomed: BTreeSet<String> = originals[..6].iter().map(|b| sha256_hex(b)).collect();
+    let doomed: BTreeSet<String> = originals[..6].iter().map(|b| sha_hex(b)).collect();
     let doomed_bytes: u64 = originals[..6].iter().map(|b| b.len() as u64).sum();
     let old_rev_of_3 = history(&dev, &a, &[name(3).as_str()])
         .last()
@@ -753,7 +727,7 @@ fn fsck_detects_damage_and_passes_clean() {
     assert!(!err.contains("damaged"), "{err}");
 
     // Flip one byte of the block of f0's first version (a retained old version).
-    let h0 = sha256_hex(&files[0]);
+    let h0 = sha_hex(&files[0]);
     let p0 = block_path(data, &h0);
     let mut corrupted = std::fs::read(&p0).unwrap();
     corrupted[12_345] ^= 0x40;
@@ -775,7 +749,7 @@ fn fsck_detects_damage_and_passes_clean() {
     assert_eq!(report["damage"], json!([]), "{report}");
 
     // Delete the block of f2.
-    let h2 = sha256_hex(&files[2]);
+    let h2 = sha_hex(&files[2]);
     std::fs::remove_file(block_path(data, &h2)).unwrap();
     let missing = json!({"path": "/f2.bin", "rev": f2_rev, "block": h2, "health": "missing"});
     let (code, report, err) = admin(&dev, data, &["fsck"]);

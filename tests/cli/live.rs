@@ -10,19 +10,6 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-async fn token(server: &Server) -> String {
-    let resp: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/login", server.url))
-        .json(&json!({"user": "alice", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    resp["token"].as_str().unwrap().to_string()
-}
-
 async fn head(server: &Server, tok: &str) -> i64 {
     let j: Value = reqwest::Client::new()
         .get(format!(
@@ -67,7 +54,7 @@ async fn mkdir(server: &Server, tok: &str, path: &str) {
 #[tokio::test]
 async fn longpoll_waits_for_a_commit_and_wakes_on_it() {
     let server = Server::start();
-    let tok = token(&server).await;
+    let tok = api_token(&server, "alice").await;
     mkdir(&server, &tok, "first").await;
     let cursor = head(&server, &tok).await;
     let mut poll = tokio::spawn(longpoll(server.url.clone(), tok.clone(), cursor, 30));
@@ -86,7 +73,7 @@ async fn longpoll_waits_for_a_commit_and_wakes_on_it() {
 #[tokio::test]
 async fn longpoll_times_out_without_changes_and_answers_stale_cursors_at_once() {
     let server = Server::start();
-    let tok = token(&server).await;
+    let tok = api_token(&server, "alice").await;
     mkdir(&server, &tok, "a").await;
     let cursor = head(&server, &tok).await;
     let answer = longpoll(server.url.clone(), tok.clone(), cursor, 1).await;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
@@ -15,17 +15,6 @@ fn n(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
         .unwrap_or_else(|| panic!("no numeric {key:?} in {v}"))
-}
-
-/// Parses the stdout of a `--json` run.
-fn parse(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            stderr(out)
-        )
-    })
 }
 
 /// A server, and two devices logged in as alice with folders `a` and `b` both mirroring `/`.
@@ -86,19 +75,6 @@ fn conflicted_copies(root: &Path) -> Vec<String> {
 
 fn temp_files(root: &Path) -> Vec<String> {
     files_named(root, |name| name.starts_with(".dbx-tmp-"))
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// `stem (HOST's conflicted copy YYYY-MM-DD).ext` for today (UTC).
@@ -180,7 +156,7 @@ fn conflict_keeps_both_versions() {
 
     let out = p.dev_b.run(&p.b, &["--json", "sync"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let second = parse(&out);
+    let second = parse_json(&out);
     assert_eq!(second["conflicts"], serde_json::json!([]), "{second}");
     let copy = format!("docs/{}", conflict_copy_name("notes", "txt"));
     assert!(
@@ -435,7 +411,7 @@ fn offline_device_catches_up() {
 
     let out = p.dev_b.run(&p.b, &["--json", "sync"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let caught_up = parse(&out);
+    let caught_up = parse_json(&out);
     assert_eq!(n(&caught_up, "files_uploaded"), 0, "{caught_up}");
     assert!(
         caught_up["conflict_copies"].as_array().unwrap().is_empty(),
@@ -466,7 +442,7 @@ fn delete_guard_stops_mass_delete() {
     // The dry run lists the deletes, warns, and succeeds.
     let out = p.dev_a.run(&p.a, &["--json", "status"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let status = parse(&out);
+    let status = parse_json(&out);
     let deletes = plan_of(&status)
         .iter()
         .filter(|(a, _)| a == "delete_remote")
@@ -550,7 +526,7 @@ fn server_replaced_reuploads_instead_of_deleting() {
     };
     let out = run(&["--json", "sync"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let report = parse(&out);
+    let report = parse_json(&out);
     assert_eq!(n(&report, "files_deleted"), 0, "{report}");
     assert_eq!(n(&report, "files_uploaded"), 30, "{report}");
     assert!(
@@ -562,7 +538,7 @@ fn server_replaced_reuploads_instead_of_deleting() {
     assert_same(&digest_tree(&a), &before);
     let out = run(&["--json", "ls", "-R"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(server_files(&parse(&out)), local_files(&a));
+    assert_eq!(server_files(&parse_json(&out)), local_files(&a));
 
     // And the new server's copy is byte for byte the folder.
     let dev_c = Client::new();
@@ -574,7 +550,11 @@ fn server_replaced_reuploads_instead_of_deleting() {
     // A further sync against the new server is a no-op.
     let out = run(&["--json", "sync"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(plan_of(&parse(&out)).is_empty(), "{}", parse(&out));
+    assert!(
+        plan_of(&parse_json(&out)).is_empty(),
+        "{}",
+        parse_json(&out)
+    );
 }
 
 /// Whether the server's block store holds at least one block.
