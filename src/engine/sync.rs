@@ -283,6 +283,10 @@ fn apply_journal_entry(
         executable: e.executable,
         blocks: e.blocks,
     };
+    // Our own commits are in the stored tree already (see `Apply::remote_ops`): no write.
+    if tree.get(&rel) == Some(&entry) {
+        return;
+    }
     tree.insert(rel.clone(), entry.clone());
     ops.push(RemoteOp::Put(rel, entry));
 }
@@ -571,6 +575,7 @@ pub async fn run(
         sources: &sources,
         renamed_away: HashSet::new(),
         ops: Vec::new(),
+        remote_ops: Vec::new(),
         report,
         progress: progress.clone(),
     };
@@ -600,6 +605,11 @@ pub async fn run(
     tracing::debug!(elapsed = ?t0.elapsed(), "applied");
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ctx.ops).await?;
+    // What this run committed goes into the stored remote tree now (the cursor stays: the
+    // journal delivers these rows again, and they then cost no write).
+    index
+        .save_remote(ROOT_NS, &ctx.remote_ops, cursor, &info.epoch)
+        .await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "index written");
     index.close().await;
     result?;
@@ -662,6 +672,8 @@ struct Apply<'a> {
     /// Paths whose local file was renamed to a conflicted copy in this run.
     renamed_away: HashSet<String>,
     ops: Vec<IndexOp>,
+    /// Entries this run committed, as the journal will report them.
+    remote_ops: Vec<RemoteOp>,
     report: Report,
     progress: Arc<dyn Progress>,
 }
@@ -1125,6 +1137,19 @@ impl Apply<'_> {
                     // The index records the stat seen when the file was hashed: an edit since
                     // then has another stat and is picked up by the next run.
                     let block_lens = self.digests.get(&path).map(lens_of).unwrap_or_default();
+                    self.remote_ops.push(RemoteOp::Put(
+                        path.clone(),
+                        protocol::Entry {
+                            path: path.clone(),
+                            kind: EntryKind::File,
+                            rev: resp.rev,
+                            size: req.size,
+                            content_hash: Some(req.content_hash.clone()),
+                            mtime: req.mtime,
+                            executable: req.executable,
+                            blocks: req.blocks.clone(),
+                        },
+                    ));
                     self.ops.push(IndexOp::Put(
                         path.clone(),
                         SyncedEntry {
