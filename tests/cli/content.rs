@@ -80,9 +80,9 @@ async fn ranges_return_exactly_the_requested_bytes() {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
 
-/// Chunks as dbx cuts them (FastCDC 2020, 256 KiB / 1 MiB / 4 MiB).
+/// Chunks as dbx cuts them (FastCDC 2020, 128 KiB / 512 KiB / 2 MiB).
 fn chunks(data: &[u8]) -> Vec<&[u8]> {
-    fastcdc::v2020::FastCDC::new(data, 256 << 10, 1 << 20, 4 << 20)
+    fastcdc::v2020::FastCDC::new(data, 128 << 10, 512 << 10, 2 << 20)
         .map(|c| &data[c.offset..c.offset + c.length])
         .collect()
 }

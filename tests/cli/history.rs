@@ -582,10 +582,10 @@ fn gc_frees_exactly_unreferenced_blocks() {
     dev.init(&a);
     let data = server.data.path();
 
-    // Each file is below the minimum chunk size (256 KiB), so it is one block: its SHA-256.
+    // Each file is below the minimum chunk size (128 KiB), so it is one block: its SHA-256.
     let mut rng = Rng::new(21);
     let name = |i: usize| format!("data/file{i}.bin");
-    let originals: Vec<Vec<u8>> = (0..8).map(|i| rng.bytes(150_000 + i * 9_001)).collect();
+    let originals: Vec<Vec<u8>> = (0..8).map(|i| rng.bytes(60_000 + i * 9_001)).collect();
     for (i, bytes) in originals.iter().enumerate() {
         write_file(&a.join(name(i)), bytes);
     }
@@ -594,7 +594,7 @@ fn gc_frees_exactly_unreferenced_blocks() {
     let original_hashes: BTreeSet<String> = originals.iter().map(|b| sha_hex(b)).collect();
     assert_eq!(
         uploaded, original_hashes,
-        "one block file per (sub-256 KiB) file, named by its SHA-256"
+        "one block file per (sub-128 KiB) file, named by its SHA-256"
     );
     // The blocks' last reference must be in an earlier second than the collection's start.
     tick();
