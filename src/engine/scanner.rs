@@ -17,6 +17,8 @@ pub const STATE_DIR: &str = ".dbx";
 pub const IGNORE_FILE: &str = ".dbxignore";
 /// Prefix of dbx's own temp files (downloads in flight); never synced.
 pub const TEMP_PREFIX: &str = ".dbx-tmp-";
+/// Prefix of partly downloaded big files, kept so a killed download resumes; never synced.
+pub const PART_PREFIX: &str = ".dbx-part-";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalEntry {
@@ -109,7 +111,8 @@ pub fn scan(root: &Path) -> std::io::Result<Scan> {
         let Some(ft) = entry.file_type() else {
             continue;
         };
-        if ft.is_file() && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+        let name = entry.file_name().to_string_lossy();
+        if ft.is_file() && (name.starts_with(TEMP_PREFIX) || name.starts_with(PART_PREFIX)) {
             out.stale_temps.push(entry.path().to_path_buf());
             continue;
         }

@@ -6,7 +6,10 @@
 //! skipped, never committed with mixed bytes), then commit the file's metadata.
 //! Downloads go to a temp file in the destination folder, each block verified, then fsync and
 //! rename: a crash never leaves a torn file, and a file the user changed while its download was
-//! in flight is kept (reported as a conflict), not overwritten.
+//! in flight is kept (reported as a conflict), not overwritten. Small files are fetched many to
+//! a request and made durable with one filesystem sync per batch; a big file is written into a
+//! partial file named after its content (`.dbx-part-…`), which a killed run leaves behind and
+//! the next run resumes from.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -24,7 +27,7 @@ use super::config::Folder;
 use super::index::{Index, IndexOp, RemoteOp, SyncedEntry, SyncedTree};
 use super::planner::{self, Action, Direction, LocalState, LocalStates, RemoteTree};
 use super::remote::{Remote, RemoteError};
-use super::scanner::{self, LocalEntry, Scan, TEMP_PREFIX};
+use super::scanner::{self, LocalEntry, Scan, PART_PREFIX, TEMP_PREFIX};
 use super::{EngineError, Progress};
 use crate::protocol::{self, ChunkParams, CommitRequest, EntryKind};
 
@@ -557,9 +560,22 @@ pub async fn run(
     index
         .save_remote(ROOT_NS, &remote_ops, cursor, &info.epoch)
         .await?;
-    // Leftovers of a run that was killed mid-download: never synced, safe to drop.
+    // Leftovers of a run that was killed mid-download: never synced, safe to drop; partial
+    // big files are kept while this run still downloads them (it resumes from them).
+    let wanted: HashSet<String> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Download { path } => remote_tree.get(path)?.content_hash.clone(),
+            _ => None,
+        })
+        .map(|h| format!("{PART_PREFIX}{}", &h[..h.len().min(32)]))
+        .collect();
     for t in &scan.stale_temps {
-        let _ = fs::remove_file(t);
+        let name = t.file_name().map(|n| n.to_string_lossy().into_owned());
+        if !name.is_some_and(|n| wanted.contains(&n)) {
+            let _ = fs::remove_file(t);
+        }
     }
 
     let sources = local_block_sources(&scan, &synced);
@@ -1463,17 +1479,62 @@ async fn download_one(
     expected: Option<&LocalEntry>,
     progress: &Arc<dyn Progress>,
 ) -> Result<Option<Downloaded>, EngineError> {
-    let (dest, mut file, tmp_path) = temp_beside(root, path)?;
+    use std::io::{Seek, SeekFrom};
+    // A big file downloads into a partial file named after its content, kept if the run is
+    // killed: the next run keeps every block already written (re-verified) and fetches the rest.
+    let dest = root.join(path);
+    let dir = dest.parent().unwrap_or(root).to_path_buf();
+    fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let hash = entry.content_hash.as_deref().unwrap_or("unknown");
+    let part = dir.join(format!("{PART_PREFIX}{}", &hash[..hash.len().min(32)]));
+    // Content-defined boundaries: the partial file's complete chunks are the file's first
+    // chunks (the cut-short last one hashes differently and is fetched again).
+    let already: HashMap<u64, (String, u32)> = if part.exists() {
+        let p = part.clone();
+        blocking(move || chunker::digest_file(&p, ChunkParams::DEFAULT))
+            .await
+            .map(|d| {
+                d.blocks
+                    .into_iter()
+                    .map(|b| (b.offset, (b.hash, b.len)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        HashMap::new()
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&part)
+        .map_err(io_at(&part))?;
     let mut got = Downloaded {
         blocks_fetched: 0,
         bytes_fetched: 0,
         bytes_reused: 0,
         block_lens: Vec::with_capacity(entry.blocks.len()),
     };
-    let mut blocks = stream::iter(entry.blocks.iter())
+    // Blocks already in the partial file at the right offset are skipped (their offsets
+    // follow from the lengths of the blocks before them, which are re-verified as they pass).
+    let mut offset = 0u64;
+    let mut i = 0;
+    while let Some((hash, len)) = already.get(&offset) {
+        if i >= entry.blocks.len() || *hash != entry.blocks[i] {
+            break;
+        }
+        let len = u64::from(*len);
+        got.bytes_reused += len;
+        got.block_lens.push(len as u32);
+        progress.advance(len);
+        offset += len;
+        i += 1;
+    }
+    file.seek(SeekFrom::Start(offset)).map_err(io_at(&part))?;
+    let mut blocks = stream::iter(entry.blocks[i..].iter())
         .map(|h| fetch_block(root, remote, sources, h))
         .buffered(DOWNLOAD_BLOCKS_PARALLELISM);
-    let mut received = 0u64;
+    let mut received = offset;
     while let Some(block) = blocks.next().await {
         let (bytes, reused) = block?;
         let len = bytes.len() as u64;
@@ -1485,16 +1546,17 @@ async fn download_one(
             got.bytes_fetched += len;
         }
         got.block_lens.push(bytes.len() as u32);
-        file.write_all(&bytes).map_err(io_at(&dest))?;
+        file.write_all(&bytes).map_err(io_at(&part))?;
         progress.advance(len);
     }
+    file.set_len(received).map_err(io_at(&part))?;
     finish_file(&file, entry, path, received, &dest)?;
-    file.sync_all().map_err(io_at(&dest))?;
+    file.sync_all().map_err(io_at(&part))?;
     drop(file);
     // The last check before the rename: the destination must be as expected.
     if now_stat(&dest).as_ref() != expected {
         return Ok(None);
     }
-    tmp_path.persist(&dest).map_err(|e| io_at(&dest)(e.error))?;
+    fs::rename(&part, &dest).map_err(io_at(&dest))?;
     Ok(Some(got))
 }

@@ -19,7 +19,7 @@ use super::config::Folder;
 use super::index::Index;
 use super::planner::Direction;
 use super::remote::{Remote, RemoteError};
-use super::scanner::{STATE_DIR, TEMP_PREFIX};
+use super::scanner::{PART_PREFIX, STATE_DIR, TEMP_PREFIX};
 use super::sync::{self, Report, SyncOptions, ROOT_NS};
 use super::{EngineError, Progress};
 
@@ -70,8 +70,10 @@ fn relevant(root: &Path, paths: &[PathBuf]) -> bool {
         if first.as_deref() == Some(STATE_DIR) {
             return false;
         }
-        !p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
+        !p.file_name().is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with(TEMP_PREFIX) || n.starts_with(PART_PREFIX)
+        })
     })
 }
 

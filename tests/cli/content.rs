@@ -171,3 +171,99 @@ fn a_push_killed_midway_resumes_without_resending_what_arrived() {
     let out = dev.ok(dir.path(), &["cat", "big.bin"]);
     assert_eq!(sha_hex(&out.stdout), sha_hex(&data));
 }
+
+#[test]
+fn an_interrupted_download_resumes_from_what_was_written() {
+    let server = Server::start();
+    let (dev_a, dev_b) = (Client::new(), Client::new());
+    dev_a.login(&server, "alice");
+    dev_b.login(&server, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let data = Rng::new(14).bytes(24 << 20);
+    write_file(&a.join("movie.bin"), &data);
+    dev_a.init(&a);
+    dev_b.init(&b);
+    dev_a.ok(&a, &["push"]);
+    let listing = dev_a.json(&a, &["ls"]);
+    let hash = listing["entries"][0]["content_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // What a pull killed after 15 MiB leaves: the partial file, named after the content.
+    let written = 15 << 20;
+    write_file(
+        &b.join(format!(".dbx-part-{}", &hash[..32])),
+        &data[..written],
+    );
+    let report = dev_b.json(&b, &["pull"]);
+    let reused = report["bytes_reused"].as_u64().unwrap();
+    let received = report["block_bytes_received"].as_u64().unwrap();
+    assert_eq!(reused + received, data.len() as u64, "{report}");
+    // Every complete chunk of the partial file is kept (at most the last, cut-short one and
+    // the chunk it belongs to are fetched again: < 2 × 2 MiB).
+    assert!(reused as usize > written - (4 << 20), "{report}");
+    assert!(
+        (received as usize) < data.len() - written + (4 << 20),
+        "{report}"
+    );
+    assert_eq!(
+        sha_hex(&std::fs::read(b.join("movie.bin")).unwrap()),
+        sha_hex(&data)
+    );
+    let parts: Vec<_> = std::fs::read_dir(&b)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".dbx-"))
+        .collect();
+    assert!(parts.is_empty(), "no partial or temp file is left");
+
+    // A partial file nobody needs any more is cleaned up, and never synced.
+    write_file(
+        &b.join(".dbx-part-0123456789abcdef0123456789abcdef"),
+        b"stale",
+    );
+    dev_b.ok(&b, &["sync"]);
+    assert!(!b
+        .join(".dbx-part-0123456789abcdef0123456789abcdef")
+        .exists());
+}
+
+#[test]
+fn a_pull_killed_midway_converges_on_rerun() {
+    let server = Server::start();
+    let (dev_a, dev_b) = (Client::new(), Client::new());
+    dev_a.login(&server, "alice");
+    dev_b.login(&server, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let data = Rng::new(15).bytes(48 << 20);
+    write_file(&a.join("big.bin"), &data);
+    dev_a.init(&a);
+    dev_b.init(&b);
+    dev_a.ok(&a, &["push"]);
+    let mut child = dev_b.cmd(&b).arg("pull").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let partial = || {
+        std::fs::read_dir(&b)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(".dbx-part-")
+                    && e.metadata().map(|m| m.len()).unwrap_or(0) > (2 << 20)
+            })
+    };
+    while !partial() && child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!b.join("big.bin").exists() || std::fs::read(b.join("big.bin")).unwrap() == data);
+    dev_b.ok(&b, &["pull"]);
+    assert_eq!(
+        sha_hex(&std::fs::read(b.join("big.bin")).unwrap()),
+        sha_hex(&data)
+    );
+}
