@@ -5,6 +5,7 @@
 # Usage: bench/roundtrip.sh [BIG_MIB] [N_SMALL] [WORKDIR]   (defaults: 512 20000 /tmp/dbx-bench)
 # Needs a release build (cargo build --release) and python3. Prints "scenario seconds" lines and
 # '#' lines with the --json figures (bytes sent/received) and peak RSS of the client.
+# DATASET=DIR uses a copy of an existing dataset instead of generating one.
 set -euo pipefail
 BIG=${1:-512}; N=${2:-20000}; W=${3:-/tmp/dbx-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,7 +16,7 @@ MKDATA=${MKDATA:-$ROOT/../shared/bench/mkdata.py}
 
 rm -rf "$W"; mkdir -p "$W"
 export HOME=$W/home XDG_CONFIG_HOME=$W/home/config DBX_KEYRING=file
-python3 "$MKDATA" "$W/src" "$BIG" "$N"
+if [ -n "${DATASET:-}" ]; then cp -r "$DATASET" "$W/src"; else python3 "$MKDATA" "$W/src" "$BIG" "$N"; fi
 "$DBX" admin user add bench --password-stdin --data "$W/data" <<<"bench-password" >/dev/null
 "$DBX" serve --listen 127.0.0.1:0 --data "$W/data" >"$W/serve.log" 2>&1 &
 SERVER=$!
@@ -34,7 +35,7 @@ run() {  # run NAME DIR ARGS...
   s=$EPOCHREALTIME
   /usr/bin/time -f "%M" -o "$W/$name.rss" "$DBX" -C "$dir" --json "$@" >"$W/$name.json"
   e=$EPOCHREALTIME
-  awk -v n="$name" -v s="$s" -v e="$e" 'BEGIN{printf "%s %.3f\n", n, e-s}'
+  awk -v n="$name" -v s="$s" -v e="$e" 'BEGIN{printf "dbx %s %.3f\n", n, e-s}'
   python3 - "$W/$name.json" "$name" "$(cat "$W/$name.rss")" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
