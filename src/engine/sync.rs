@@ -1291,10 +1291,11 @@ impl Apply<'_> {
                 }
             }
         }
-        // One directory fsync per folder makes the renames durable.
-        for d in dirs {
-            if let Ok(f) = File::open(&d) {
-                let _ = f.sync_all();
+        // The renames become durable with the directories: one filesystem sync for them all
+        // (cheaper than an fsync per folder when a pull touches many folders).
+        if !dirs.is_empty() {
+            if let Ok(f) = File::open(self.root) {
+                let _ = rustix::fs::syncfs(f);
             }
         }
         match first_err {
