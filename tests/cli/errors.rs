@@ -5,15 +5,7 @@ use serde_json::{json, Value};
 use crate::harness::*;
 
 async fn journal_len(server: &Server, tok: &str) -> usize {
-    let j: Value = reqwest::Client::new()
-        .get(format!("{}/api/v1/journal?cursor=0", server.url))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j = api_get(server, tok, "journal?cursor=0").await;
     j["entries"].as_array().unwrap().len()
 }
 

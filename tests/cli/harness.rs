@@ -292,6 +292,19 @@ pub async fn api_token(server: &Server, user: &str) -> String {
     resp["token"].as_str().unwrap().to_string()
 }
 
+/// `GET /api/v1/{route}` as JSON, with a bearer token.
+pub async fn api_get(server: &Server, tok: &str, route: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}/api/v1/{route}", server.url))
+        .bearer_auth(tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Lowercase hex SHA-256 (an implementation independent of dbx's).
 pub fn sha_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

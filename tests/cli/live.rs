@@ -11,18 +11,7 @@ use serde_json::{json, Value};
 use crate::harness::*;
 
 async fn head(server: &Server, tok: &str) -> i64 {
-    let j: Value = reqwest::Client::new()
-        .get(format!(
-            "{}/api/v1/journal?cursor=9223372036854775807",
-            server.url
-        ))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j = api_get(server, tok, "journal?cursor=9223372036854775807").await;
     j["cursor"].as_i64().unwrap()
 }
 
