@@ -115,9 +115,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         });
         if let Some(r) = remote {
             return match r {
-                RemoteError::Unreachable { .. } | RemoteError::Unavailable { .. } => {
-                    exit::UNAVAILABLE
-                }
+                // Network errors and 5xx were retried already; what persists is still worth
+                // a retry later.
+                e if e.is_transient() => exit::UNAVAILABLE,
                 RemoteError::Unauthorized(_) => exit::AUTH,
                 RemoteError::NotFound(_) => exit::NOT_FOUND,
                 _ => exit::ERROR,

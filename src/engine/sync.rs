@@ -40,7 +40,7 @@ const COMMIT_BATCH: usize = 1000;
 /// Blocks smaller than this travel many to a request.
 const SMALL_BLOCK: usize = 1 << 20;
 /// Bytes of small blocks per batch request.
-const BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 4 << 20;
 /// Files downloaded at once, and blocks in flight per file (≤ 2 × 4 × 4 MiB in memory).
 const DOWNLOAD_FILES_PARALLELISM: usize = 2;
 const DOWNLOAD_BLOCKS_PARALLELISM: usize = 4;
