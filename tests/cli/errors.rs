@@ -312,3 +312,28 @@ fn stale_temp_files_are_cleaned_and_never_uploaded() {
         .collect();
     assert_eq!(paths, vec!["/real.txt", "/sub"]);
 }
+
+#[test]
+fn a_persistently_failing_block_store_exits_5_and_commits_nothing() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("first.txt"), b"stored fine");
+    dev.init(dir.path());
+    dev.ok(dir.path(), &["push"]);
+    // The server can no longer write blocks: every upload answers 500, retried, then given up.
+    std::fs::remove_dir_all(server.data.path().join("blocks").join("tmp")).unwrap();
+    write_file(&dir.path().join("second.bin"), &Rng::new(9).bytes(200_000));
+    let out = dev.run(dir.path(), &["push"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("block store"), "{}", stderr(&out));
+    let listing = dev.json(dir.path(), &["ls"]);
+    let paths: Vec<_> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["/first.txt"], "nothing half-committed");
+}
