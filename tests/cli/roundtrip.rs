@@ -180,3 +180,36 @@ fn data_survives_a_server_restart() {
     dev2.ok(&b, &["pull"]);
     assert_same(&digest_tree(&b), &digest_tree(&a));
 }
+
+/// The documented name rule: names are exact bytes. A case-only rename is an ordinary move;
+/// NFC and NFD spellings of the same visible name are two different files everywhere.
+#[test]
+fn names_are_exact_bytes_case_renames_and_unicode_forms() {
+    let server = Server::start();
+    let (dev_a, dev_b) = (Client::new(), Client::new());
+    dev_a.login(&server, "alice");
+    dev_b.login(&server, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    write_file(&a.join("Readme.md"), b"read me");
+    let (nfc, nfd) = ("caf\u{e9}.txt", "cafe\u{301}.txt");
+    write_file(&a.join(nfc), b"composed");
+    write_file(&a.join(nfd), b"decomposed");
+    dev_a.init(&a);
+    dev_b.init(&b);
+    dev_a.ok(&a, &["sync"]);
+    dev_b.ok(&b, &["sync"]);
+    assert_eq!(std::fs::read(b.join(nfc)).unwrap(), b"composed");
+    assert_eq!(std::fs::read(b.join(nfd)).unwrap(), b"decomposed");
+
+    std::fs::rename(a.join("Readme.md"), a.join("README.md")).unwrap();
+    let up = dev_a.json(&a, &["sync"]);
+    assert_eq!(n(&up, "files_moved"), 1, "{up}");
+    assert_eq!(n(&up, "block_bytes_sent"), 0, "{up}");
+    let down = dev_b.json(&b, &["sync"]);
+    assert_eq!(n(&down, "files_moved"), 1, "{down}");
+    assert_eq!(n(&down, "files_downloaded"), 0, "{down}");
+    assert!(!b.join("Readme.md").exists());
+    assert_eq!(std::fs::read(b.join("README.md")).unwrap(), b"read me");
+    assert_same(&digest_tree(&b), &digest_tree(&a));
+}
