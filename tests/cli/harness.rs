@@ -37,8 +37,13 @@ impl Server {
 
     /// Starts a server on an existing data directory.
     pub fn start_on(data: TempDir) -> Server {
+        Self::start_on_addr(data, "127.0.0.1:0")
+    }
+
+    /// Starts a server on an existing data directory, listening on `listen`.
+    pub fn start_on_addr(data: TempDir, listen: &str) -> Server {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", listen, "--data"])
             .arg(data.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -193,3 +193,47 @@ fn a_second_process_on_the_same_folder_is_refused_with_the_holders_pid() {
     // Reading is allowed meanwhile.
     dev.ok(dir.path(), &["status"]);
 }
+
+#[test]
+fn watch_survives_the_server_going_away_and_coming_back() {
+    let server = Server::start();
+    let (dev_a, dev_b) = (Client::new(), Client::new());
+    dev_a.login(&server, "alice");
+    dev_b.login(&server, "alice");
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    dev_a.init(&a);
+    dev_b.init(&b);
+    let wa = Watcher::start(&dev_a, &a);
+
+    // The server goes away; a change made meanwhile must arrive once it is back.
+    let data = server.stop();
+    write_file(
+        &a.join("during-outage.txt"),
+        b"written while the server was down",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let server = Server::start_on_addr(data, &folder_server_addr(&a));
+    eventually("the change reaches the server after the outage", || {
+        let out = dev_b.run(&b, &["sync"]);
+        out.status.success() && b.join("during-outage.txt").exists()
+    });
+    assert_eq!(
+        std::fs::read(b.join("during-outage.txt")).unwrap(),
+        b"written while the server was down"
+    );
+    assert!(wa.terminate().success());
+    drop(server);
+}
+
+/// The server address a folder syncs with (from its config).
+fn folder_server_addr(dir: &Path) -> String {
+    let cfg = std::fs::read_to_string(dir.join(".dbx/config.toml")).unwrap();
+    let line = cfg.lines().find(|l| l.starts_with("server")).unwrap();
+    line.split('"')
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string()
+}
