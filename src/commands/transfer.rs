@@ -111,15 +111,19 @@ fn print_report(report: &Report, printer: Printer, direction: Direction) {
                 human_bytes(report.block_bytes_received),
             ));
         }
-        for (n, what) in [
-            (report.files_moved, "moved"),
-            (report.files_deleted, "deleted"),
-            (report.folders_created, "folders created"),
-            (report.folders_deleted, "folders deleted"),
-            (report.conflict_copies.len() as u64, "conflicted copies"),
+        for (n, one, many) in [
+            (report.files_moved, "moved", "moved"),
+            (report.files_deleted, "deleted", "deleted"),
+            (report.folders_created, "folder created", "folders created"),
+            (report.folders_deleted, "folder deleted", "folders deleted"),
+            (
+                report.conflict_copies.len() as u64,
+                "conflicted copy",
+                "conflicted copies",
+            ),
         ] {
             if n > 0 {
-                parts.push(format!("{n} {what}"));
+                parts.push(format!("{n} {}", if n == 1 { one } else { many }));
             }
         }
         let verb = match direction {
