@@ -175,9 +175,7 @@ fn a_push_killed_midway_resumes_without_resending_what_arrived() {
 #[test]
 fn an_interrupted_download_resumes_from_what_was_written() {
     let server = Server::start();
-    let (dev_a, dev_b) = (Client::new(), Client::new());
-    dev_a.login(&server, "alice");
-    dev_b.login(&server, "alice");
+    let (dev_a, dev_b) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     let data = Rng::new(14).bytes(24 << 20);
@@ -233,9 +231,7 @@ fn an_interrupted_download_resumes_from_what_was_written() {
 #[test]
 fn a_pull_killed_midway_converges_on_rerun() {
     let server = Server::start();
-    let (dev_a, dev_b) = (Client::new(), Client::new());
-    dev_a.login(&server, "alice");
-    dev_b.login(&server, "alice");
+    let (dev_a, dev_b) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     let data = Rng::new(15).bytes(48 << 20);

@@ -252,10 +252,7 @@ fn block_files(server: &Server) -> Vec<std::path::PathBuf> {
 #[test]
 fn a_block_corrupted_on_the_server_is_never_written_locally() {
     let server = Server::start();
-    let dev1 = Client::new();
-    let dev2 = Client::new();
-    dev1.login(&server, "alice");
-    dev2.login(&server, "alice");
+    let (dev1, dev2) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a");
     let b = work.path().join("b");

@@ -166,6 +166,14 @@ impl Client {
     }
 }
 
+/// Two devices (clients with their own HOME) logged in as alice.
+pub fn two_devices(server: &Server) -> (Client, Client) {
+    let (a, b) = (Client::new(), Client::new());
+    a.login(server, "alice");
+    b.login(server, "alice");
+    (a, b)
+}
+
 pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())

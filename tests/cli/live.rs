@@ -136,10 +136,7 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn two_watching_folders_converge_and_stop_cleanly() {
     let server = Server::start();
-    let dev_a = Client::new();
-    let dev_b = Client::new();
-    dev_a.login(&server, "alice");
-    dev_b.login(&server, "alice");
+    let (dev_a, dev_b) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     write_file(&a.join("start.txt"), b"before watching");
@@ -197,9 +194,7 @@ fn a_second_process_on_the_same_folder_is_refused_with_the_holders_pid() {
 #[test]
 fn watch_survives_the_server_going_away_and_coming_back() {
     let server = Server::start();
-    let (dev_a, dev_b) = (Client::new(), Client::new());
-    dev_a.login(&server, "alice");
-    dev_b.login(&server, "alice");
+    let (dev_a, dev_b) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     std::fs::create_dir_all(&a).unwrap();

@@ -34,10 +34,7 @@ fn n(v: &serde_json::Value, key: &str) -> u64 {
 #[test]
 fn push_pull_round_trip_dedup_and_deletes() {
     let server = Server::start();
-    let dev1 = Client::new();
-    let dev2 = Client::new();
-    dev1.login(&server, "alice");
-    dev2.login(&server, "alice");
+    let (dev1, dev2) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a");
     let b = work.path().join("b");
@@ -137,10 +134,7 @@ fn dry_run_changes_nothing() {
 #[test]
 fn pull_never_overwrites_an_unsynced_local_file() {
     let server = Server::start();
-    let dev1 = Client::new();
-    let dev2 = Client::new();
-    dev1.login(&server, "alice");
-    dev2.login(&server, "alice");
+    let (dev1, dev2) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a");
     let b = work.path().join("b");
@@ -186,9 +180,7 @@ fn data_survives_a_server_restart() {
 #[test]
 fn names_are_exact_bytes_case_renames_and_unicode_forms() {
     let server = Server::start();
-    let (dev_a, dev_b) = (Client::new(), Client::new());
-    dev_a.login(&server, "alice");
-    dev_b.login(&server, "alice");
+    let (dev_a, dev_b) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     write_file(&a.join("Readme.md"), b"read me");

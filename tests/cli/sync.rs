@@ -30,10 +30,7 @@ struct Pair {
 impl Pair {
     fn new() -> Pair {
         let server = Server::start();
-        let dev_a = Client::new();
-        let dev_b = Client::new();
-        dev_a.login(&server, "alice");
-        dev_b.login(&server, "alice");
+        let (dev_a, dev_b) = two_devices(&server);
         let work = tempfile::tempdir().unwrap();
         let a = work.path().join("a");
         let b = work.path().join("b");
