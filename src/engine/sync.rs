@@ -578,7 +578,16 @@ pub async fn run(
         }
     }
 
-    let sources = local_block_sources(&scan, &synced);
+    // Only downloads use local block sources; a run without any skips building the map.
+    let sources = if plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Download { .. }))
+    {
+        local_block_sources(&scan, &synced)
+    } else {
+        HashMap::new()
+    };
     let mut ctx = Apply {
         root: &folder.root,
         remote,
