@@ -4,7 +4,8 @@
 #
 # Usage: bench/roundtrip.sh [BIG_MIB] [N_SMALL] [WORKDIR]   (defaults: 512 20000 /tmp/dbx-bench)
 # Needs a release build (cargo build --release) and python3. Prints "scenario seconds" lines and
-# '#' lines with the --json figures (bytes sent/received) and peak RSS of the client.
+# '#' lines with the --json figures (bytes sent/received), peak RSS of the client and the CPU
+# seconds client and server spent (steadier than wall time on a busy machine).
 # DATASET=DIR uses a copy of an existing dataset instead of generating one.
 set -euo pipefail
 BIG=${1:-512}; N=${2:-20000}; W=${3:-/tmp/dbx-bench}
@@ -28,20 +29,27 @@ URL=$(grep -o 'http://[0-9.:]*' "$W/serve.log" | head -1)
 "$DBX" init "$W/restore" >/dev/null
 echo "# dataset: $(find "$W/src" -type f -not -path '*/.dbx/*' | wc -l) files, $(du -sb --exclude=.dbx "$W/src" | cut -f1) bytes; $(nproc) cpus"
 
+server_cpu() {  # the server's user + system CPU so far, in clock ticks (1/100 s)
+  awk '{print $14 + $15}' "/proc/$SERVER/stat"
+}
 run() {  # run NAME DIR ARGS...
   local name=$1 dir=$2; shift 2
   local s e
   sync
+  local c0; c0=$(server_cpu)
   s=$EPOCHREALTIME
-  /usr/bin/time -f "%M" -o "$W/$name.rss" "$DBX" -C "$dir" --json "$@" >"$W/$name.json"
+  /usr/bin/time -f "%M %U %S" -o "$W/$name.rss" "$DBX" -C "$dir" --json "$@" >"$W/$name.json"
   e=$EPOCHREALTIME
   awk -v n="$name" -v s="$s" -v e="$e" 'BEGIN{printf "dbx %s %.3f\n", n, e-s}'
-  python3 - "$W/$name.json" "$name" "$(cat "$W/$name.rss")" <<'PY'
+  python3 - "$W/$name.json" "$name" "$(cat "$W/$name.rss")" "$c0" "$(server_cpu)" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ["files_uploaded", "files_downloaded", "blocks_uploaded", "block_bytes_sent",
         "bytes_deduplicated", "block_bytes_received"]
-print("# %s %s peak_rss_kib=%s" % (sys.argv[2], " ".join("%s=%s" % (k, r[k]) for k in keys), sys.argv[3]))
+rss, user, system = sys.argv[3].split()
+print("# %s %s peak_rss_kib=%s client_cpu_s=%.2f server_cpu_s=%.2f" % (
+    sys.argv[2], " ".join("%s=%s" % (k, r[k]) for k in keys), rss,
+    float(user) + float(system), (int(sys.argv[5]) - int(sys.argv[4])) / 100))
 PY
 }
 run initial_push "$W/src" push

@@ -189,6 +189,15 @@ pub struct PutBlocksResponse {
     pub already_held: u64,
 }
 
+/// `GET blocks/{hash}?verify=true`: the server hashes the block before sending it (and
+/// quarantines it when damaged). Without it the bytes are sent as stored: clients verify every
+/// block they receive and ask again with `verify` after a mismatch.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GetBlockQuery {
+    #[serde(default)]
+    pub verify: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FetchRequest {
     pub hashes: Vec<String>,

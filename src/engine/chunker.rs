@@ -12,6 +12,7 @@ use std::path::Path;
 
 use fastcdc::v2020::{Error as CdcError, StreamCDC};
 
+use super::scanner::LocalEntry;
 use crate::protocol::{self, ChunkParams};
 
 /// One block of a file: where it lies and what it hashes to.
@@ -132,18 +133,41 @@ pub fn digest_bytes(data: &[u8], params: ChunkParams) -> Digest {
 /// Reads one block of a file back (for upload) and checks it still hashes to its id; `Ok(None)`
 /// when the file changed since it was hashed.
 pub fn read_block(path: &Path, block: &BlockRef) -> io::Result<Option<Vec<u8>>> {
+    read_block_as(path, block, None)
+}
+
+/// Reads one block of a file back for upload; `Ok(None)` when the file changed since it was
+/// hashed. With `scanned` (the stat the file had when it was hashed), the check is that stat,
+/// taken before and after the read, instead of hashing the bytes again: the server re-hashes
+/// every block it receives and refuses a mismatch, so a change the stat cannot see (an
+/// in-place rewrite within one mtime tick) is refused there, never stored under a wrong id.
+pub fn read_block_as(
+    path: &Path,
+    block: &BlockRef,
+    scanned: Option<&LocalEntry>,
+) -> io::Result<Option<Vec<u8>>> {
     use std::os::unix::fs::FileExt;
     let file = File::open(path)?;
+    let unchanged = |file: &File| -> io::Result<bool> {
+        let now = LocalEntry::from_metadata(&file.metadata()?);
+        Ok(scanned.is_some_and(|s| {
+            s.size == now.size && s.mtime_ns == now.mtime_ns && s.inode == now.inode
+        }))
+    };
+    if scanned.is_some() && !unchanged(&file)? {
+        return Ok(None);
+    }
     let mut buf = vec![0u8; block.len as usize];
     match file.read_exact_at(&mut buf, block.offset) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    if protocol::block_hash(&buf) != block.hash {
-        return Ok(None);
-    }
-    Ok(Some(buf))
+    let same = match scanned {
+        Some(_) => unchanged(&file)?,
+        None => protocol::block_hash(&buf) == block.hash,
+    };
+    Ok(same.then_some(buf))
 }
 
 #[cfg(test)]
@@ -236,5 +260,27 @@ mod tests {
         assert!(read_block(&path, first).unwrap().is_some());
         std::fs::write(&path, random_bytes(600_000, 4)).unwrap();
         assert!(read_block(&path, first).unwrap().is_none());
+    }
+
+    #[test]
+    fn read_block_as_scanned_detects_a_changed_stat() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, random_bytes(600_000, 3)).unwrap();
+        let d = digest_file(&path, ChunkParams::DEFAULT).unwrap();
+        let scanned = LocalEntry::from_metadata(&std::fs::metadata(&path).unwrap());
+        let first = &d.blocks[0];
+        let bytes = read_block_as(&path, first, Some(&scanned))
+            .unwrap()
+            .unwrap();
+        assert_eq!(protocol::block_hash(&bytes), first.hash);
+        // Same size, other bytes, another mtime: refused without hashing.
+        std::fs::write(&path, random_bytes(600_000, 4)).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
+        assert!(read_block_as(&path, first, Some(&scanned))
+            .unwrap()
+            .is_none());
     }
 }

@@ -271,21 +271,29 @@ impl Remote {
             resp.bytes().await.map_err(|e| self.transport(e))
         })
         .await?;
-        let blocks = tokio::task::spawn_blocking(move || -> RemoteResult<Vec<Bytes>> {
-            let decoded = p::decode_blocks(&body).map_err(RemoteError::Protocol)?;
-            let mut out = Vec::with_capacity(decoded.len());
-            for (hash, bytes) in decoded {
-                if p::block_hash(bytes) != hash {
-                    return Err(RemoteError::Protocol(format!(
-                        "block {hash} arrived corrupted"
-                    )));
-                }
-                out.push((hash, body.slice_ref(bytes)));
-            }
-            Ok(out.into_iter().map(|(_, b)| b).collect())
-        })
-        .await
-        .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        let blocks =
+            tokio::task::spawn_blocking(move || -> RemoteResult<Vec<(String, Bytes, bool)>> {
+                let decoded = p::decode_blocks(&body).map_err(RemoteError::Protocol)?;
+                Ok(decoded
+                    .into_iter()
+                    .map(|(hash, bytes)| {
+                        let ok = p::block_hash(bytes) == hash;
+                        (hash, body.slice_ref(bytes), ok)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        // A damaged block is asked for alone, verified at the source (see `get_block`).
+        let mut checked = Vec::with_capacity(blocks.len());
+        for (hash, bytes, ok) in blocks {
+            checked.push(if ok {
+                bytes
+            } else {
+                self.get_block_once(&hash, true).await?
+            });
+        }
+        let blocks = checked;
         if blocks.len() != hashes.len() {
             return Err(RemoteError::Protocol(format!(
                 "asked for {} blocks, got {}",
@@ -327,10 +335,23 @@ impl Remote {
     }
 
     /// A block's bytes, verified against its id: bytes that do not match are never returned.
+    /// One block, verified. A block that arrives damaged is asked for once more with
+    /// `verify=true`, which has the server check it at the source: a transfer glitch heals, a
+    /// block damaged on the server's disk is quarantined there and reported.
     pub async fn get_block(&self, hash: &str) -> RemoteResult<Bytes> {
-        let resp = self
-            .send(self.request(Method::GET, &r::block(hash)))
-            .await?;
+        match self.get_block_once(hash, false).await {
+            Err(RemoteError::Protocol(_)) => self.get_block_once(hash, true).await,
+            other => other,
+        }
+    }
+
+    async fn get_block_once(&self, hash: &str, verify: bool) -> RemoteResult<Bytes> {
+        let url = if verify {
+            format!("{}?verify=true", r::block(hash))
+        } else {
+            r::block(hash)
+        };
+        let resp = self.send(self.request(Method::GET, &url)).await?;
         let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
         let check = bytes.clone();
         let actual = tokio::task::spawn_blocking(move || p::block_hash(&check))

@@ -401,6 +401,9 @@ pub async fn run(
         })
     })?;
     let t0 = std::time::Instant::now();
+    // The scan runs on its own thread while the index and the server's changes are read.
+    let root = folder.root.clone();
+    let scanning = tokio::task::spawn_blocking(move || scanner::scan(&root));
     let index = Index::open(&folder.index_path(), true).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "index opened");
     let (remote_tree, remote_ops, cursor, replaced) =
@@ -416,9 +419,9 @@ pub async fn run(
     };
     tracing::debug!(elapsed = ?t0.elapsed(), "index loaded");
 
-    let root = folder.root.clone();
-    let scan = blocking(move || scanner::scan(&root))
+    let scan = scanning
         .await
+        .map_err(|e| io_at(&folder.root)(std::io::Error::other(e)))?
         .map_err(io_at(&folder.root))?;
     tracing::debug!(elapsed = ?t0.elapsed(), "scanned");
 
@@ -702,6 +705,10 @@ struct Apply<'a> {
     report: Report,
     progress: Arc<dyn Progress>,
 }
+
+/// A block to upload: the file's relative and full path, where the block lies, and the stat the
+/// file had when it was hashed (`None`: re-hash the bytes read instead of trusting the stat).
+type UploadJob = (String, PathBuf, BlockRef, Option<LocalEntry>);
 
 fn now_stat(path: &Path) -> Option<LocalEntry> {
     fs::symlink_metadata(path)
@@ -1021,6 +1028,12 @@ impl Apply<'_> {
         for batch in hashes.chunks(MISSING_BATCH) {
             missing.extend(self.remote.missing(batch.to_vec()).await?);
         }
+        let t0 = std::time::Instant::now();
+        tracing::debug!(
+            blocks = hashes.len(),
+            missing = missing.len(),
+            "upload: missing checked"
+        );
         let send_bytes: u64 = missing
             .iter()
             .filter_map(|h| sources.get(h.as_str()))
@@ -1032,11 +1045,18 @@ impl Apply<'_> {
         let progress = self.progress.clone();
         // Small blocks travel many to a request (one durable write on the server for all of
         // them); large ones one per request. Either way several requests are in flight.
-        let mut jobs: Vec<Vec<(String, PathBuf, BlockRef)>> = Vec::new();
-        let mut batch: Vec<(String, PathBuf, BlockRef)> = Vec::new();
+        let mut jobs: Vec<Vec<UploadJob>> = Vec::new();
+        let mut batch: Vec<UploadJob> = Vec::new();
         let mut batch_bytes = 0usize;
         for (p, b) in missing.iter().filter_map(|h| sources.get(h.as_str())) {
-            let job = (p.to_string(), root.join(p), (*b).clone());
+            // A file modified in the last moments may change again within one mtime tick:
+            // its blocks are re-hashed on read instead of trusting the stat.
+            let scanned = self
+                .scan
+                .tree
+                .get(*p)
+                .filter(|l| index_mtime(l) != i64::MIN);
+            let job = (p.to_string(), root.join(p), (*b).clone(), scanned.cloned());
             if b.len as usize >= SMALL_BLOCK {
                 jobs.push(vec![job]);
                 continue;
@@ -1061,13 +1081,12 @@ impl Apply<'_> {
                     let read = blocking(move || {
                         reads
                             .into_iter()
-                            .map(|(path, full, b)| {
-                                let bytes = chunker::read_block(&full, &b).map_err(|e| {
-                                    EngineError::Io {
+                            .map(|(path, full, b, scanned)| {
+                                let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
+                                    .map_err(|e| EngineError::Io {
                                         path: full.clone(),
                                         source: e,
-                                    }
-                                })?;
+                                    })?;
                                 Ok((path, b.hash, bytes))
                             })
                             .collect::<Result<Vec<_>, EngineError>>()
@@ -1086,15 +1105,25 @@ impl Apply<'_> {
                         }
                     }
                     let len: u64 = send.iter().map(|(_, b)| b.len() as u64).sum();
-                    match send.len() {
-                        0 => {}
+                    let sent = match send.len() {
+                        0 => Ok(()),
                         1 if job.len() == 1 => {
                             let (hash, bytes) = send.pop().expect("one block");
-                            remote.put_block(&hash, bytes).await?;
+                            remote.put_block(&hash, bytes).await.map(drop)
                         }
-                        _ => {
-                            remote.put_blocks(&send).await?;
+                        _ => remote.put_blocks(&send).await.map(drop),
+                    };
+                    match sent {
+                        Ok(()) => {}
+                        // Bytes that no longer hash to the id computed when the file was
+                        // hashed: a file of this request changed under the stat check. The
+                        // server stored none of it; those files go next time.
+                        Err(RemoteError::Refused { code, .. }) if code == "hash_mismatch" => {
+                            for o in &mut outcome {
+                                *o = (o.0.clone(), 0, false);
+                            }
                         }
+                        Err(e) => return Err(e.into()),
                     }
                     progress.advance(len);
                     Ok::<_, EngineError>(outcome)
@@ -1104,6 +1133,7 @@ impl Apply<'_> {
             .try_collect()
             .await?;
         self.progress.finish();
+        tracing::debug!(elapsed = ?t0.elapsed(), "upload: blocks sent");
         let mut changed: HashSet<String> = HashSet::new();
         for (path, len, sent) in results.into_iter().flatten() {
             if sent {
@@ -1155,6 +1185,7 @@ impl Apply<'_> {
                 results.push((path, l, req, r));
             }
         }
+        tracing::debug!(elapsed = ?t0.elapsed(), "upload: committed");
         for (path, l, req, r) in results {
             match r {
                 Ok(resp) => {

@@ -166,6 +166,23 @@ impl BlobStore for FsBlobStore {
         Ok(())
     }
 
+    async fn read_many(&self, hashes: Vec<String>) -> Result<Vec<Option<Bytes>>, BlobError> {
+        let this = self.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            hashes
+                .iter()
+                .map(|h| match fs::read(this.path_of(h)) {
+                    Ok(b) => Ok(Some(Bytes::from(b))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                })
+                .collect::<io::Result<Vec<_>>>()
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(read)
+    }
+
     async fn get(&self, hash: &str) -> Result<Option<Bytes>, BlobError> {
         let this = self.clone();
         let hash = hash.to_string();
@@ -200,5 +217,24 @@ mod tests {
         assert!(!path.exists());
         assert!(dir.path().join("quarantine").join(&hash).exists());
         assert!(store.get(&hash).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn read_many_returns_what_is_stored_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let (a, b) = (
+            Bytes::from_static(b"a block"),
+            Bytes::from_static(b"b block"),
+        );
+        let (ha, hb) = (protocol::block_hash(&a), protocol::block_hash(&b));
+        store.put(&ha, a.clone()).await.unwrap();
+        store.put(&hb, b.clone()).await.unwrap();
+        let absent = protocol::block_hash(b"absent");
+        let got = store
+            .read_many(vec![hb.clone(), absent, ha.clone()])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Some(b), None, Some(a)]);
     }
 }

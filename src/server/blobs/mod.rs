@@ -3,7 +3,8 @@
 //! Invariants: `put` returns only once the bytes are durable (so the caller may then record the
 //! block in the metadata store, which is what makes it referencable); `put` of a hash already
 //! held is a no-op; `get` never returns bytes that do not hash to the requested id: a mismatch is
-//! quarantined and reported as [`BlobError::Corrupt`].
+//! quarantined and reported as [`BlobError::Corrupt`]; `read_many` returns bytes unverified, for
+//! callers that verify them.
 
 pub mod fs;
 
@@ -26,6 +27,14 @@ pub trait BlobStore: Send + Sync + 'static {
     fn put(&self, hash: &str, bytes: Bytes) -> impl Future<Output = Result<(), BlobError>> + Send;
     /// The block's bytes, verified against `hash`, or `None` when the store lacks it.
     fn get(&self, hash: &str) -> impl Future<Output = Result<Option<Bytes>, BlobError>> + Send;
+    /// Several blocks' bytes as stored, in the order asked (`None` where absent), *not*
+    /// verified: for callers that verify every byte themselves, as the client does with what it
+    /// downloads (it then asks again with [`BlobStore::get`], which verifies and quarantines).
+    /// Saves the server a SHA-256 pass over everything it serves.
+    fn read_many(
+        &self,
+        hashes: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Option<Bytes>>, BlobError>> + Send;
     /// Stores several blocks, all durable when it returns; may batch the durability work.
     fn put_many(
         &self,
