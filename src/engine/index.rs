@@ -10,6 +10,7 @@ use std::path::Path;
 
 use sqlx::{Row, SqlitePool};
 
+use super::chunker::Fingerprint;
 use crate::protocol::{Entry, EntryKind};
 
 const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
@@ -22,6 +23,11 @@ const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
         2,
         "remote",
         include_str!("../../migrations/client/0002_remote.sql"),
+    ),
+    (
+        3,
+        "fingerprints",
+        include_str!("../../migrations/client/0003_fingerprints.sql"),
     ),
 ];
 
@@ -40,6 +46,8 @@ pub struct SyncedEntry {
     pub blocks: Vec<String>,
     /// The length of each block, when known (empty otherwise).
     pub block_lens: Vec<u32>,
+    /// The fingerprint of each block, when known (empty otherwise; see `chunker::Fingerprint`).
+    pub block_fps: Vec<Fingerprint>,
     pub rev: i64,
 }
 
@@ -95,44 +103,54 @@ impl Index {
     }
 
     pub async fn load(&self) -> Result<SyncedTree, sqlx::Error> {
-        type Row = (
-            String,
-            i64,
-            String,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<String>,
-            String,
-            String,
-            i64,
-        );
+        /// One `entries` row, as the JSON array `load_pages` makes of it (fields in order).
+        #[derive(serde::Deserialize)]
+        struct Row {
+            path: String,
+            ns: i64,
+            kind: String,
+            size: i64,
+            mtime_ns: i64,
+            inode: i64,
+            executable: i64,
+            content_hash: Option<String>,
+            blocks: String,
+            block_lens: String,
+            block_fps: String,
+            rev: i64,
+        }
         let rows: Vec<Row> = self
             .load_pages(
                 "json_array(path, ns, kind, size, mtime_ns, inode, executable, content_hash,
-                            blocks, block_lens, rev)",
+                            blocks, block_lens, block_fps, rev)",
                 "entries",
                 None,
             )
             .await?;
         let mut tree = SyncedTree::new();
-        for (path, ns, kind, size, mtime_ns, inode, executable, content_hash, blocks, lens, rev) in
-            rows
-        {
+        for r in rows {
             tree.insert(
-                path,
+                r.path,
                 SyncedEntry {
-                    ns,
-                    kind: parse_kind(&kind)?,
-                    size: size as u64,
-                    mtime_ns,
-                    inode: inode as u64,
-                    executable: executable != 0,
-                    content_hash,
-                    blocks: split_list(&blocks),
-                    block_lens: lens.split(',').filter_map(|l| l.parse().ok()).collect(),
-                    rev,
+                    ns: r.ns,
+                    kind: parse_kind(&r.kind)?,
+                    size: r.size as u64,
+                    mtime_ns: r.mtime_ns,
+                    inode: r.inode as u64,
+                    executable: r.executable != 0,
+                    content_hash: r.content_hash,
+                    blocks: split_list(&r.blocks),
+                    block_lens: r
+                        .block_lens
+                        .split(',')
+                        .filter_map(|l| l.parse().ok())
+                        .collect(),
+                    block_fps: r
+                        .block_fps
+                        .split(',')
+                        .filter_map(|f| Fingerprint::from_str_radix(f, 16).ok())
+                        .collect(),
+                    rev: r.rev,
                 },
             );
         }
@@ -181,8 +199,8 @@ impl Index {
                     IndexOp::Put(path, e) => {
                         sqlx::query(
                             "INSERT OR REPLACE INTO entries (path, ns, kind, size, mtime_ns, inode,
-                               executable, content_hash, blocks, block_lens, rev)
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               executable, content_hash, blocks, block_lens, block_fps, rev)
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         )
                         .bind(path)
                         .bind(e.ns)
@@ -197,6 +215,13 @@ impl Index {
                             e.block_lens
                                 .iter()
                                 .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        )
+                        .bind(
+                            e.block_fps
+                                .iter()
+                                .map(|f| format!("{f:032x}"))
                                 .collect::<Vec<_>>()
                                 .join(","),
                         )
@@ -347,6 +372,7 @@ mod tests {
             content_hash: Some("ab".into()),
             blocks: vec!["x".into(), "y".into()],
             block_lens: vec![1, 2],
+            block_fps: vec![u128::MAX, 5],
             rev: 7,
         };
         idx.apply(&[
@@ -390,6 +416,7 @@ mod tests {
                 content_hash: (i % 10 != 0).then(|| format!("h{i}")),
                 blocks: vec![format!("b{i}"); i % 3],
                 block_lens: vec![i as u32; i % 3],
+                block_fps: vec![i as u128 * 0x1234_5678_9abc_def0; i % 3],
                 rev: i as i64,
             };
             ops.push(IndexOp::Put(name(i), e));

@@ -673,6 +673,7 @@ mod tests {
             content_hash: l.content_hash.clone(),
             blocks: vec![],
             block_lens: vec![],
+            block_fps: vec![],
             rev,
         }
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use futures::{stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::chunker::{self, BlockRef, Digest};
+use super::chunker::{self, BlockRef, Digest, Fingerprint, KnownBlocks};
 use super::config::Folder;
 use super::index::{Index, IndexOp, RemoteOp, SyncedEntry, SyncedTree};
 use super::planner::{self, Action, Direction, LocalState, LocalStates, RemoteTree};
@@ -366,7 +366,7 @@ fn local_block_sources(scan: &Scan, synced: &SyncedTree) -> HashMap<String, (Str
             continue;
         }
         let mut offset = 0u64;
-        for (hash, len) in s.blocks.iter().zip(&s.block_lens) {
+        for (i, (hash, len)) in s.blocks.iter().zip(&s.block_lens).enumerate() {
             out.entry(hash.clone()).or_insert_with(|| {
                 (
                     path.clone(),
@@ -374,6 +374,7 @@ fn local_block_sources(scan: &Scan, synced: &SyncedTree) -> HashMap<String, (Str
                         hash: hash.clone(),
                         offset,
                         len: *len,
+                        fp: s.block_fps.get(i).copied(),
                     },
                 )
             });
@@ -435,7 +436,7 @@ pub async fn run(
     let mut renamed: HashMap<String, String> = HashMap::new();
     // Hash what the index cannot vouch for. A pull needs hashes only where they decide
     // something: paths the server or the index knows.
-    let to_hash: Vec<(String, u64)> = scan
+    let to_hash: Vec<(String, u64, KnownBlocks)> = scan
         .tree
         .iter()
         .filter(|(p, l)| {
@@ -454,7 +455,7 @@ pub async fn run(
                 || remote_tree.contains_key(*p)
                 || synced.contains_key(*p)
         })
-        .map(|(p, l)| (p.clone(), l.size))
+        .map(|(p, l)| (p.clone(), l.size, known_blocks(synced.get(p))))
         .collect();
     let mut report = Report {
         direction: match opts.direction {
@@ -623,6 +624,7 @@ pub async fn run(
                         mtime_ns: index_mtime(l),
                         inode: l.inode,
                         block_lens: lens_of(d),
+                        block_fps: fps_of(d),
                         ..s.clone()
                     },
                 ));
@@ -646,19 +648,19 @@ pub async fn run(
 
 async fn hash_files(
     root: &Path,
-    files: Vec<(String, u64)>,
+    files: Vec<(String, u64, KnownBlocks)>,
     params: ChunkParams,
     progress: &Arc<dyn Progress>,
     report: &mut Report,
 ) -> Result<HashMap<String, Digest>, EngineError> {
-    let total: u64 = files.iter().map(|(_, s)| s).sum();
+    let total: u64 = files.iter().map(|(_, s, _)| s).sum();
     progress.start("hashing", total);
     let results: Vec<_> = stream::iter(files)
-        .map(|(path, _)| {
+        .map(|(path, _, known)| {
             let full = root.join(&path);
             let progress = progress.clone();
             async move {
-                let r = blocking(move || chunker::digest_file(&full, params)).await;
+                let r = blocking(move || chunker::digest_file(&full, params, &known)).await;
                 if let Ok(d) = &r {
                     progress.advance(d.size);
                 }
@@ -721,6 +723,30 @@ fn lens_of(d: &Digest) -> Vec<u32> {
     d.blocks.iter().map(|b| b.len).collect()
 }
 
+/// Block fingerprints from a digest, for the index: all of them, or none.
+fn fps_of(d: &Digest) -> Vec<Fingerprint> {
+    d.blocks
+        .iter()
+        .map(|b| b.fp)
+        .collect::<Option<_>>()
+        .unwrap_or_default()
+}
+
+/// The blocks a synced file had, by fingerprint and length, for re-hashing it after an edit.
+fn known_blocks(s: Option<&SyncedEntry>) -> KnownBlocks {
+    let Some(s) =
+        s.filter(|s| s.block_fps.len() == s.blocks.len() && s.block_lens.len() == s.blocks.len())
+    else {
+        return KnownBlocks::new();
+    };
+    s.block_fps
+        .iter()
+        .zip(&s.block_lens)
+        .zip(&s.blocks)
+        .map(|((fp, len), hash)| ((*fp, *len), hash.clone()))
+        .collect()
+}
+
 impl Apply<'_> {
     fn remote_path(&self, rel: &str) -> String {
         protocol::join_path(self.remote_root, rel)
@@ -735,7 +761,8 @@ impl Apply<'_> {
 
     /// The index row for a path whose local and remote sides now agree, from the file's
     /// current stat.
-    fn record(&mut self, path: &str, e: &protocol::Entry, block_lens: Vec<u32>) {
+    fn record(&mut self, path: &str, e: &protocol::Entry, shape: (Vec<u32>, Vec<Fingerprint>)) {
+        let (block_lens, block_fps) = shape;
         let Some(l) = now_stat(&self.root.join(path)) else {
             return;
         };
@@ -751,6 +778,7 @@ impl Apply<'_> {
                 content_hash: e.content_hash.clone(),
                 blocks: e.blocks.clone(),
                 block_lens,
+                block_fps,
                 rev: e.rev,
             },
         ));
@@ -767,7 +795,7 @@ impl Apply<'_> {
             executable: false,
             blocks: Vec::new(),
         };
-        self.record(path, &entry, Vec::new());
+        self.record(path, &entry, (Vec::new(), Vec::new()));
     }
 
     /// Forgets `path` and, for a folder, everything the index holds below it.
@@ -834,8 +862,12 @@ impl Apply<'_> {
                 Action::Download { path } => downloads.push(path.clone()),
                 Action::Record { path } => {
                     if let Some(r) = self.remote_tree.get(path) {
-                        let lens = self.digests.get(path).map(lens_of).unwrap_or_default();
-                        self.record(path, &r.clone(), lens);
+                        let shape = self
+                            .digests
+                            .get(path)
+                            .map(|d| (lens_of(d), fps_of(d)))
+                            .unwrap_or_default();
+                        self.record(path, &r.clone(), shape);
                     }
                 }
                 Action::Forget { path } => self.ops.push(IndexOp::Remove(path.clone())),
@@ -907,12 +939,12 @@ impl Apply<'_> {
         self.report.files_moved += 1;
         self.ops.push(IndexOp::Remove(from.to_string()));
         if let Some(r) = self.remote_tree.get(to).cloned() {
-            let lens = self
+            let shape = self
                 .synced
                 .get(from)
-                .map(|s| s.block_lens.clone())
+                .map(|s| (s.block_lens.clone(), s.block_fps.clone()))
                 .unwrap_or_default();
-            self.record(to, &r, lens);
+            self.record(to, &r, shape);
         }
         Ok(())
     }
@@ -995,10 +1027,10 @@ impl Apply<'_> {
 
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
         // Files planned without a digest (renamed ones whose hash came from the index).
-        let undigested: Vec<(String, u64)> = files
+        let undigested: Vec<(String, u64, KnownBlocks)> = files
             .iter()
             .filter(|(p, _)| !self.digests.contains_key(p))
-            .map(|(p, _)| (p.clone(), 0))
+            .map(|(p, _)| (p.clone(), 0, KnownBlocks::new()))
             .collect();
         if !undigested.is_empty() {
             let more = hash_files(
@@ -1192,7 +1224,11 @@ impl Apply<'_> {
                     self.report.files_uploaded += 1;
                     // The index records the stat seen when the file was hashed: an edit since
                     // then has another stat and is picked up by the next run.
-                    let block_lens = self.digests.get(&path).map(lens_of).unwrap_or_default();
+                    let (block_lens, block_fps) = self
+                        .digests
+                        .get(&path)
+                        .map(|d| (lens_of(d), fps_of(d)))
+                        .unwrap_or_default();
                     self.remote_ops.push(RemoteOp::Put(
                         path.clone(),
                         protocol::Entry {
@@ -1218,6 +1254,7 @@ impl Apply<'_> {
                             content_hash: Some(req.content_hash),
                             blocks: req.blocks,
                             block_lens,
+                            block_fps,
                             rev: resp.rev,
                         },
                     ));
@@ -1320,7 +1357,7 @@ impl Apply<'_> {
                     self.report.block_bytes_received += got.bytes_fetched;
                     self.report.bytes_reused += got.bytes_reused;
                     dirs.insert(self.root.join(protocol::parent_path(&path)));
-                    self.record(&path, &entry, got.block_lens);
+                    self.record(&path, &entry, (got.block_lens, got.block_fps));
                 }
                 Ok(None) => {
                     self.report.retry = true;
@@ -1351,6 +1388,8 @@ struct Downloaded {
     bytes_fetched: u64,
     bytes_reused: u64,
     block_lens: Vec<u32>,
+    /// Fingerprints of all the blocks, or empty (small files are not fingerprinted).
+    block_fps: Vec<Fingerprint>,
 }
 
 type Job = (String, protocol::Entry, Option<LocalEntry>);
@@ -1417,6 +1456,7 @@ async fn download_group(
                                         bytes_fetched: bytes.iter().map(|b| b.len() as u64).sum(),
                                         bytes_reused: 0,
                                         block_lens: bytes.iter().map(|b| b.len() as u32).collect(),
+                                        block_fps: Vec::new(),
                                     })
                                 })
                         }
@@ -1530,14 +1570,14 @@ async fn download_one(
     let part = dir.join(format!("{PART_PREFIX}{}", &hash[..hash.len().min(32)]));
     // Content-defined boundaries: the partial file's complete chunks are the file's first
     // chunks (the cut-short last one hashes differently and is fetched again).
-    let already: HashMap<u64, (String, u32)> = if part.exists() {
+    let already: HashMap<u64, (String, u32, Option<Fingerprint>)> = if part.exists() {
         let p = part.clone();
-        blocking(move || chunker::digest_file(&p, ChunkParams::DEFAULT))
+        blocking(move || chunker::digest_file(&p, ChunkParams::DEFAULT, &KnownBlocks::new()))
             .await
             .map(|d| {
                 d.blocks
                     .into_iter()
-                    .map(|b| (b.offset, (b.hash, b.len)))
+                    .map(|b| (b.offset, (b.hash, b.len, b.fp)))
                     .collect()
             })
             .unwrap_or_default()
@@ -1555,18 +1595,23 @@ async fn download_one(
         bytes_fetched: 0,
         bytes_reused: 0,
         block_lens: Vec::with_capacity(entry.blocks.len()),
+        block_fps: Vec::new(),
     };
+    // Fingerprinted as they pass (BLAKE3 is cheap), so a later edit of the file re-hashes
+    // only what changed.
+    let mut fps: Vec<Option<Fingerprint>> = Vec::with_capacity(entry.blocks.len());
     // Blocks already in the partial file at the right offset are skipped (their offsets
     // follow from the lengths of the blocks before them, which are re-verified as they pass).
     let mut offset = 0u64;
     let mut i = 0;
-    while let Some((hash, len)) = already.get(&offset) {
+    while let Some((hash, len, fp)) = already.get(&offset) {
         if i >= entry.blocks.len() || *hash != entry.blocks[i] {
             break;
         }
         let len = u64::from(*len);
         got.bytes_reused += len;
         got.block_lens.push(len as u32);
+        fps.push(*fp);
         progress.advance(len);
         offset += len;
         i += 1;
@@ -1587,9 +1632,11 @@ async fn download_one(
             got.bytes_fetched += len;
         }
         got.block_lens.push(bytes.len() as u32);
+        fps.push(Some(chunker::fingerprint(&bytes)));
         file.write_all(&bytes).map_err(io_at(&part))?;
         progress.advance(len);
     }
+    got.block_fps = fps.into_iter().collect::<Option<_>>().unwrap_or_default();
     file.set_len(received).map_err(io_at(&part))?;
     finish_file(&file, entry, path, received, &dest)?;
     file.sync_all().map_err(io_at(&part))?;
