@@ -4,7 +4,7 @@
 //! takes SQLite's write lock at once and waits on `busy_timeout` instead of failing later with a
 //! stale snapshot. Readers see a consistent snapshot (WAL), so a listing and its cursor agree.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use sqlx::sqlite::SqliteRow;
@@ -121,6 +121,76 @@ struct Change<'a> {
     blocks: &'a str,
     mtime: i64,
     executable: bool,
+}
+
+/// A `files` row as a batched commit decides against it.
+struct Current {
+    kind: EntryKind,
+    rev: i64,
+    content_hash: Option<String>,
+    executable: bool,
+}
+
+/// One journal row of a batched commit, and the `files` row it leaves behind: the same fields,
+/// so one JSON array feeds both inserts.
+#[derive(serde::Serialize)]
+struct NewRow<'a> {
+    id: i64,
+    op: &'static str,
+    path: &'a str,
+    kind: &'static str,
+    size: i64,
+    content_hash: Option<&'a str>,
+    blocks: String,
+    mtime: i64,
+    executable: i64,
+}
+
+/// The ancestors of `path`, outermost first (the root excluded): the order folders are made in.
+fn ancestors(path: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut p = protocol::parent_path(path);
+    while !p.is_empty() {
+        out.push(p);
+        p = protocol::parent_path(p);
+    }
+    out.reverse();
+    out
+}
+
+/// Refuses a commit whose blocks the server does not all hold (each missing one named once) or
+/// whose size is not their total. `sizes` maps the blocks the server holds to their sizes.
+fn check_blocks(req: &CommitRequest, sizes: &HashMap<String, i64>) -> StoreResult<()> {
+    // Every referenced block must be durable already: that is what makes a commit safe to show
+    // to other devices.
+    let mut missing = Vec::new();
+    let mut seen = HashSet::new();
+    let mut total: u64 = 0;
+    for hash in &req.blocks {
+        match sizes.get(hash) {
+            Some(s) => total += *s as u64,
+            None => {
+                if seen.insert(hash.as_str()) {
+                    missing.push(hash.clone());
+                }
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(StoreError::MissingBlocks(missing));
+    }
+    if total != req.size {
+        return Err(StoreError::Invalid(format!(
+            "size {} does not match the blocks' total {total}",
+            req.size
+        )));
+    }
+    Ok(())
+}
+
+/// A value bound as JSON for `json_each`: one statement for a whole batch.
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))
 }
 
 impl SqliteStore {
@@ -413,6 +483,319 @@ impl SqliteStore {
         Ok((rev, rev))
     }
 
+    /// `commit_files` one request at a time, each in a savepoint: correct for any batch, but
+    /// a dozen statements per file. The batched path falls back to it.
+    async fn commit_each_in(
+        tx: &mut SqliteConnection,
+        ns: i64,
+        actor: &Actor,
+        reqs: &[CommitRequest],
+    ) -> StoreResult<Vec<StoreResult<(i64, i64)>>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            // A savepoint per file: a refused commit rolls back alone.
+            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
+            match Self::write_file_in(&mut sp, ns, actor, req, None).await {
+                Ok(r) => {
+                    sp.commit().await?;
+                    out.push(Ok(r));
+                }
+                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                Err(e) => {
+                    sp.rollback().await?;
+                    out.push(Err(e));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `commit_files` in a handful of statements whatever the batch size: one read of the
+    /// blocks, one of the rows at the paths and their ancestors, the decisions in Rust (those of
+    /// `write_file_in`, request by request, journal ids handed out in the same order), then one
+    /// statement per table written.
+    ///
+    /// Returns `None`, having written nothing, for a batch it does not model; the caller then
+    /// runs `commit_each_in`. The single pass assumes that no request changes what another one
+    /// is decided against, apart from folders made on the way, so it falls back when two
+    /// requests that pass the checks depending on the request alone (path, content hash,
+    /// blocks, size) name the same path, or one names an ancestor of the other's path. It also
+    /// falls back when a path or block id holds a NUL (SQLite's JSON functions cut text there)
+    /// and when the namespace does not exist (each request reports that on its own).
+    async fn commit_fast_in(
+        tx: &mut SqliteConnection,
+        ns: i64,
+        actor: &Actor,
+        reqs: &[CommitRequest],
+    ) -> StoreResult<Option<Vec<StoreResult<(i64, i64)>>>> {
+        if reqs
+            .iter()
+            .any(|r| r.path.contains('\0') || r.blocks.iter().any(|b| b.contains('\0')))
+        {
+            return Ok(None);
+        }
+        let head: Option<i64> =
+            sqlx::query_scalar("UPDATE namespaces SET head = head WHERE id = ? RETURNING head")
+                .bind(ns)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(mut head) = head else {
+            return Ok(None);
+        };
+
+        // What depends on the request alone comes first, as in `write_file_in`.
+        let mut verdicts: Vec<StoreResult<()>> = reqs
+            .iter()
+            .map(|req| {
+                if req.path.is_empty() {
+                    Err(StoreError::Invalid(
+                        "cannot commit a file at the root".into(),
+                    ))
+                } else if protocol::content_hash(&req.blocks) != req.content_hash {
+                    Err(StoreError::Invalid(
+                        "content_hash does not match the block list".into(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+            .collect();
+        let mut wanted = HashSet::new();
+        for (req, verdict) in reqs.iter().zip(&verdicts) {
+            if verdict.is_ok() {
+                wanted.extend(req.blocks.iter().map(String::as_str));
+            }
+        }
+        let mut sizes: HashMap<String, i64> = HashMap::with_capacity(wanted.len());
+        if !wanted.is_empty() {
+            let rows = sqlx::query(
+                "SELECT hash, size FROM blocks WHERE hash IN (SELECT value FROM json_each(?))",
+            )
+            .bind(to_json(&wanted)?)
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in rows {
+                sizes.insert(r.try_get("hash")?, r.try_get("size")?);
+            }
+        }
+        for (req, verdict) in reqs.iter().zip(verdicts.iter_mut()) {
+            if verdict.is_ok() {
+                *verdict = check_blocks(req, &sizes);
+            }
+        }
+
+        // Only requests still standing can change the tree; see the fallback rule above.
+        let mut live = HashSet::new();
+        for (req, verdict) in reqs.iter().zip(&verdicts) {
+            if verdict.is_ok() && !live.insert(req.path.as_str()) {
+                return Ok(None);
+            }
+        }
+        let mut paths = live.clone();
+        for path in &live {
+            for dir in ancestors(path) {
+                if live.contains(dir) {
+                    return Ok(None);
+                }
+                paths.insert(dir);
+            }
+        }
+        let mut files: HashMap<String, Current> = HashMap::with_capacity(paths.len());
+        if !paths.is_empty() {
+            let rows = sqlx::query(
+                "SELECT path, kind, rev, content_hash, executable FROM files
+                 WHERE ns = ? AND path IN (SELECT value FROM json_each(?))",
+            )
+            .bind(ns)
+            .bind(to_json(&paths)?)
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in rows {
+                files.insert(
+                    r.try_get("path")?,
+                    Current {
+                        kind: kind_from(r.try_get("kind")?)?,
+                        rev: r.try_get("rev")?,
+                        content_hash: r.try_get("content_hash")?,
+                        executable: r.try_get::<i64, _>("executable")? != 0,
+                    },
+                );
+            }
+        }
+
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut rows: Vec<NewRow> = Vec::new();
+        let mut made: HashSet<&str> = HashSet::new();
+        let mut referenced: HashSet<&str> = HashSet::new();
+        for (req, verdict) in reqs.iter().zip(verdicts) {
+            if let Err(e) = verdict {
+                out.push(Err(e));
+                continue;
+            }
+            let path = req.path.as_str();
+            let current = files.get(path);
+            if let Some(c) = current {
+                if c.kind == EntryKind::Dir {
+                    out.push(Err(StoreError::PathConflict(format!(
+                        "/{path} is a folder on the server"
+                    ))));
+                    continue;
+                }
+                // The server already has exactly this: see `write_file_in`.
+                if c.content_hash.as_deref() == Some(req.content_hash.as_str())
+                    && c.executable == req.executable
+                {
+                    out.push(Ok((c.rev, head)));
+                    continue;
+                }
+            }
+            let current_rev = current.map(|c| c.rev);
+            if req.parent_rev != current_rev {
+                out.push(Err(StoreError::Conflict {
+                    message: format!(
+                        "/{path} changed on the server (now at revision {}, this change was based on {})",
+                        current_rev.map_or("none".to_string(), |r| r.to_string()),
+                        req.parent_rev.map_or("none".to_string(), |r| r.to_string()),
+                    ),
+                    current_rev,
+                }));
+                continue;
+            }
+            let mut new_dirs = Vec::new();
+            let mut blocked = None;
+            for dir in ancestors(path) {
+                let kind = if made.contains(dir) {
+                    Some(EntryKind::Dir)
+                } else {
+                    files.get(dir).map(|c| c.kind)
+                };
+                match kind {
+                    Some(EntryKind::Dir) => {}
+                    Some(EntryKind::File) => {
+                        blocked = Some(dir);
+                        break;
+                    }
+                    None => new_dirs.push(dir),
+                }
+            }
+            if let Some(dir) = blocked {
+                out.push(Err(StoreError::PathConflict(format!(
+                    "/{dir} is a file, so /{path} cannot be created below it"
+                ))));
+                continue;
+            }
+            for dir in new_dirs {
+                head += 1;
+                made.insert(dir);
+                rows.push(NewRow {
+                    id: head,
+                    op: JournalOp::Add.as_str(),
+                    path: dir,
+                    kind: EntryKind::Dir.as_str(),
+                    size: 0,
+                    content_hash: None,
+                    blocks: String::new(),
+                    mtime: 0,
+                    executable: 0,
+                });
+            }
+            head += 1;
+            rows.push(NewRow {
+                id: head,
+                op: if current.is_some() {
+                    JournalOp::Modify.as_str()
+                } else {
+                    JournalOp::Add.as_str()
+                },
+                path,
+                kind: EntryKind::File.as_str(),
+                size: req.size as i64,
+                content_hash: Some(&req.content_hash),
+                blocks: join_blocks(&req.blocks),
+                mtime: req.mtime,
+                executable: req.executable as i64,
+            });
+            referenced.extend(req.blocks.iter().map(String::as_str));
+            out.push(Ok((head, head)));
+        }
+
+        Self::write_batch(tx, ns, actor, &rows, head, &referenced).await?;
+        Ok(Some(out))
+    }
+
+    /// Writes what `commit_fast_in` decided: the journal rows (and the tree rows they leave),
+    /// the new head, and the blocks the new versions reference.
+    async fn write_batch(
+        tx: &mut SqliteConnection,
+        ns: i64,
+        actor: &Actor,
+        rows: &[NewRow<'_>],
+        head: i64,
+        referenced: &HashSet<&str>,
+    ) -> StoreResult<()> {
+        let now = now();
+        if !rows.is_empty() {
+            let rows = to_json(rows)?;
+            sqlx::query(
+                "INSERT INTO journal (ns, id, op, path, old_path, kind, size, content_hash, blocks,
+                                      mtime, executable, user_id, device, created_at)
+                 SELECT ?1, value ->> 'id', value ->> 'op', value ->> 'path', NULL,
+                        value ->> 'kind', value ->> 'size', value ->> 'content_hash',
+                        value ->> 'blocks', value ->> 'mtime', value ->> 'executable',
+                        ?2, ?3, ?4
+                 FROM json_each(?5)",
+            )
+            .bind(ns)
+            .bind(actor.user_id)
+            .bind(actor.device.as_deref())
+            .bind(now)
+            .bind(&rows)
+            .execute(&mut *tx)
+            .await?;
+            // `WHERE true` tells SQLite's parser that ON CONFLICT starts the upsert clause,
+            // not a join constraint.
+            sqlx::query(
+                "INSERT INTO files (ns, path, kind, rev, size, content_hash, blocks, mtime,
+                                    executable)
+                 SELECT ?1, value ->> 'path', value ->> 'kind', value ->> 'id', value ->> 'size',
+                        value ->> 'content_hash', value ->> 'blocks', value ->> 'mtime',
+                        value ->> 'executable'
+                 FROM json_each(?2) WHERE true
+                 ON CONFLICT (ns, path) DO UPDATE SET rev = excluded.rev, size = excluded.size,
+                   content_hash = excluded.content_hash, blocks = excluded.blocks,
+                   mtime = excluded.mtime, executable = excluded.executable",
+            )
+            .bind(ns)
+            .bind(&rows)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE namespaces SET head = ? WHERE id = ?")
+                .bind(head)
+                .bind(ns)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !referenced.is_empty() {
+            let referenced = to_json(referenced)?;
+            sqlx::query(
+                "INSERT OR IGNORE INTO ns_blocks (ns, hash) SELECT ?, value FROM json_each(?)",
+            )
+            .bind(ns)
+            .bind(&referenced)
+            .execute(&mut *tx)
+            .await?;
+            // Garbage collection spares blocks referenced after it began.
+            sqlx::query(
+                "UPDATE blocks SET last_ref = ? WHERE hash IN (SELECT value FROM json_each(?))",
+            )
+            .bind(now)
+            .bind(&referenced)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn write_file(
         &self,
         ns: i64,
@@ -637,25 +1020,37 @@ impl MetaStore for SqliteStore {
     }
 
     async fn record_blocks(&self, blocks: &[(String, u64)], user_id: i64) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        let now = now();
-        for (hash, size) in blocks {
-            sqlx::query("INSERT OR IGNORE INTO blocks (hash, size, created_at) VALUES (?, ?, ?)")
-                .bind(hash)
-                .bind(*size as i64)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO uploads (user_id, hash, uploaded_at) VALUES (?, ?, ?)
-                 ON CONFLICT (user_id, hash) DO UPDATE SET uploaded_at = excluded.uploaded_at",
-            )
-            .bind(user_id)
-            .bind(hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        if blocks.is_empty() {
+            return Ok(());
         }
+        // Callers pass block ids they hashed or checked (hex), so JSON carries them unchanged.
+        let json = to_json(
+            &blocks
+                .iter()
+                .map(|(hash, size)| (hash.as_str(), *size as i64))
+                .collect::<Vec<_>>(),
+        )?;
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO blocks (hash, size, created_at)
+             SELECT value ->> 0, value ->> 1, ?1 FROM json_each(?2)",
+        )
+        .bind(now)
+        .bind(&json)
+        .execute(&mut *tx)
+        .await?;
+        // `WHERE true`: see `commit_fast_in`.
+        sqlx::query(
+            "INSERT INTO uploads (user_id, hash, uploaded_at)
+             SELECT ?1, value ->> 0, ?2 FROM json_each(?3) WHERE true
+             ON CONFLICT (user_id, hash) DO UPDATE SET uploaded_at = excluded.uploaded_at",
+        )
+        .bind(user_id)
+        .bind(now)
+        .bind(&json)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -666,23 +1061,13 @@ impl MetaStore for SqliteStore {
         actor: &Actor,
         reqs: &[CommitRequest],
     ) -> StoreResult<Vec<StoreResult<(i64, i64)>>> {
+        // One transaction either way: the batch is durable (or refused for a database error)
+        // as a whole.
         let mut tx = self.pool.begin().await?;
-        let mut out = Vec::with_capacity(reqs.len());
-        for req in reqs {
-            // A savepoint per file: a refused commit rolls back alone.
-            let mut sp = sqlx::Connection::begin(&mut *tx).await?;
-            match Self::write_file_in(&mut sp, ns, actor, req, None).await {
-                Ok(r) => {
-                    sp.commit().await?;
-                    out.push(Ok(r));
-                }
-                Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
-                Err(e) => {
-                    sp.rollback().await?;
-                    out.push(Err(e));
-                }
-            }
-        }
+        let out = match Self::commit_fast_in(&mut tx, ns, actor, reqs).await? {
+            Some(out) => out,
+            None => Self::commit_each_in(&mut tx, ns, actor, reqs).await?,
+        };
         tx.commit().await?;
         Ok(out)
     }
@@ -1120,5 +1505,525 @@ impl MetaStore for SqliteStore {
             None => cursor.max(0).min(self.head(ns).await?),
         };
         Ok((entries, new_cursor, has_more))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    type Outcomes = Vec<StoreResult<(i64, i64)>>;
+
+    /// xorshift64*: small, deterministic, seedable.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    async fn store(dir: &tempfile::TempDir, name: &str) -> (SqliteStore, i64, Actor) {
+        let store = SqliteStore::open(&dir.path().join(name)).await.unwrap();
+        let user = store.create_user("u", "x", None).await.unwrap();
+        let actor = Actor {
+            user_id: user.id,
+            device: Some("laptop".into()),
+        };
+        (store, user.root_ns, actor)
+    }
+
+    /// Blocks the server holds (id, size), and ids it does not.
+    fn block_pool() -> (Vec<(String, u64)>, Vec<String>) {
+        let held = (0..8u64)
+            .map(|i| (protocol::block_hash(&i.to_be_bytes()), 10 + i * 7))
+            .collect();
+        let phantoms = (0..3u64)
+            .map(|i| protocol::block_hash(format!("phantom {i}").as_bytes()))
+            .collect();
+        (held, phantoms)
+    }
+
+    fn request(
+        path: &str,
+        blocks: Vec<String>,
+        size: u64,
+        parent_rev: Option<i64>,
+    ) -> CommitRequest {
+        CommitRequest {
+            path: path.to_string(),
+            parent_rev,
+            content_hash: protocol::content_hash(&blocks),
+            blocks,
+            size,
+            mtime: 1_700_000_000_000,
+            executable: false,
+        }
+    }
+
+    async fn fast(store: &SqliteStore, ns: i64, actor: &Actor, reqs: &[CommitRequest]) -> Outcomes {
+        let mut tx = store.pool.begin().await.unwrap();
+        let out = SqliteStore::commit_fast_in(&mut tx, ns, actor, reqs)
+            .await
+            .unwrap()
+            .expect("the batched path takes this batch");
+        tx.commit().await.unwrap();
+        out
+    }
+
+    async fn each(store: &SqliteStore, ns: i64, actor: &Actor, reqs: &[CommitRequest]) -> Outcomes {
+        let mut tx = store.pool.begin().await.unwrap();
+        let out = SqliteStore::commit_each_in(&mut tx, ns, actor, reqs)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        out
+    }
+
+    /// Everything a commit writes, as text: the tree, the journal (without its clock), the
+    /// namespace heads, which blocks namespaces reference and which blocks were ever referenced.
+    async fn snapshot(store: &SqliteStore) -> BTreeMap<&'static str, Vec<String>> {
+        let queries = [
+            (
+                "files",
+                "SELECT json_array(ns, path, kind, rev, size, content_hash, blocks, mtime,
+                                   executable)
+                 FROM files ORDER BY ns, path",
+            ),
+            (
+                "journal",
+                "SELECT json_array(ns, id, op, path, old_path, kind, size, content_hash, blocks,
+                                   mtime, executable, user_id, device)
+                 FROM journal ORDER BY ns, id",
+            ),
+            (
+                "namespaces",
+                "SELECT json_array(id, head) FROM namespaces ORDER BY id",
+            ),
+            (
+                "ns_blocks",
+                "SELECT json_array(ns, hash) FROM ns_blocks ORDER BY ns, hash",
+            ),
+            (
+                "blocks",
+                "SELECT json_array(hash, size, last_ref > 0) FROM blocks ORDER BY hash",
+            ),
+        ];
+        let mut out = BTreeMap::new();
+        for (name, sql) in queries {
+            let rows: Vec<String> = sqlx::query_scalar(sql)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            out.insert(name, rows);
+        }
+        out
+    }
+
+    fn random_path(rng: &mut Rng) -> String {
+        const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+        let depth = 1 + rng.below(3);
+        (0..depth)
+            .map(|_| NAMES[rng.below(NAMES.len())])
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    fn random_blocks(rng: &mut Rng, held: &[(String, u64)]) -> (Vec<String>, u64) {
+        let n = rng.below(4);
+        let picked: Vec<&(String, u64)> = (0..n).map(|_| &held[rng.below(held.len())]).collect();
+        (
+            picked.iter().map(|(h, _)| h.clone()).collect(),
+            picked.iter().map(|(_, s)| s).sum(),
+        )
+    }
+
+    /// A parent revision that is right most of the time, and otherwise stale in one of the
+    /// ways a client gets it wrong.
+    fn parent_rev(rng: &mut Rng, right: Option<i64>) -> Option<i64> {
+        if rng.chance(70) {
+            return right;
+        }
+        match rng.below(3) {
+            0 => None,
+            1 => Some(right.unwrap_or(1).saturating_sub(1)),
+            _ => Some(right.unwrap_or(0) + 1000),
+        }
+    }
+
+    /// One random batch against `tree`. Requests that may change the tree never share a path
+    /// or lie on each other's paths (that is the fallback rule); requests refused whatever the
+    /// tree (bad hash, missing blocks, wrong size, the root) may land anywhere.
+    fn random_batch(
+        rng: &mut Rng,
+        tree: &[Entry],
+        held: &[(String, u64)],
+        phantoms: &[String],
+    ) -> Vec<CommitRequest> {
+        let files: Vec<&Entry> = tree.iter().filter(|e| e.kind == EntryKind::File).collect();
+        let dirs: Vec<&Entry> = tree.iter().filter(|e| e.kind == EntryKind::Dir).collect();
+        let rev_at = |path: &str| tree.iter().find(|e| e.path == path).map(|e| e.rev);
+        let mut taken: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        let len = 1 + rng.below(40);
+        while out.len() < len {
+            let mut refused_anyway = false;
+            let req = match rng.below(12) {
+                // New files in nested folders, or whatever is there.
+                0..=3 => {
+                    let path = random_path(rng);
+                    let (blocks, size) = random_blocks(rng, held);
+                    let rev = parent_rev(rng, rev_at(&path));
+                    request(&path, blocks, size, rev)
+                }
+                // Modifications, with the right parent revision or not.
+                4 | 5 if !files.is_empty() => {
+                    let f = files[rng.below(files.len())];
+                    let (blocks, size) = random_blocks(rng, held);
+                    let mut req = request(&f.path, blocks, size, parent_rev(rng, Some(f.rev)));
+                    req.executable = rng.chance(30);
+                    req
+                }
+                // What the server already has, whatever the parent revision.
+                6 if !files.is_empty() => {
+                    let f = files[rng.below(files.len())];
+                    let mut req = request(&f.path, f.blocks.clone(), f.size, parent_rev(rng, None));
+                    req.executable = f.executable;
+                    req
+                }
+                // Only the executable bit changes.
+                7 if !files.is_empty() => {
+                    let f = files[rng.below(files.len())];
+                    let mut req = request(
+                        &f.path,
+                        f.blocks.clone(),
+                        f.size,
+                        parent_rev(rng, Some(f.rev)),
+                    );
+                    req.executable = !f.executable;
+                    req
+                }
+                // Blocks the server does not hold, some named twice.
+                8 => {
+                    refused_anyway = true;
+                    let (mut blocks, mut size) = random_blocks(rng, held);
+                    let phantom = phantoms[rng.below(phantoms.len())].clone();
+                    blocks.insert(rng.below(blocks.len() + 1), phantom.clone());
+                    if rng.chance(50) {
+                        blocks.push(phantom);
+                    }
+                    size += 5;
+                    request(&random_path(rng), blocks, size, None)
+                }
+                // A size that is not the blocks' total.
+                9 => {
+                    refused_anyway = true;
+                    let (blocks, size) = random_blocks(rng, held);
+                    request(&random_path(rng), blocks, size + 1, None)
+                }
+                // A content hash that is not the block list's, or the root.
+                10 => {
+                    refused_anyway = true;
+                    let (blocks, size) = random_blocks(rng, held);
+                    let path = if rng.chance(50) {
+                        String::new()
+                    } else {
+                        random_path(rng)
+                    };
+                    let mut req = request(&path, blocks, size, None);
+                    if !req.path.is_empty() {
+                        req.content_hash = protocol::content_hash(&[phantoms[0].as_str()]);
+                    }
+                    req
+                }
+                // A file where a folder is, or below a file.
+                _ => {
+                    let (blocks, size) = random_blocks(rng, held);
+                    let path = if !dirs.is_empty() && rng.chance(50) {
+                        dirs[rng.below(dirs.len())].path.clone()
+                    } else if !files.is_empty() {
+                        format!("{}/{}", files[rng.below(files.len())].path, "z")
+                    } else {
+                        random_path(rng)
+                    };
+                    request(&path, blocks, size, None)
+                }
+            };
+            if !refused_anyway {
+                let p = req.path.as_str();
+                let clashes = taken.iter().any(|t| {
+                    t == p || p.starts_with(&format!("{t}/")) || t.starts_with(&format!("{p}/"))
+                });
+                if clashes {
+                    continue;
+                }
+                taken.push(req.path.clone());
+            }
+            out.push(req);
+        }
+        out
+    }
+
+    /// Which kind of outcome, so the test can check it saw every kind.
+    fn outcome_kind(o: &StoreResult<(i64, i64)>) -> &'static str {
+        match o {
+            Ok((rev, cursor)) if rev == cursor => "new version",
+            Ok(_) => "already there",
+            Err(StoreError::Conflict { .. }) => "conflict",
+            Err(StoreError::PathConflict(m)) if m.contains("is a folder") => "folder there",
+            Err(StoreError::PathConflict(_)) => "file above",
+            Err(StoreError::MissingBlocks(_)) => "missing blocks",
+            Err(StoreError::Invalid(m)) if m.starts_with("size") => "size",
+            Err(StoreError::Invalid(m)) if m.starts_with("content_hash") => "content hash",
+            Err(StoreError::Invalid(_)) => "root",
+            Err(_) => "other",
+        }
+    }
+
+    /// The batched path against the per-file one, on the same random batches: the same answer
+    /// for every request and the same tables after every batch.
+    #[tokio::test]
+    async fn batched_commits_match_commits_one_by_one() {
+        let (held, phantoms) = block_pool();
+        let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for seed in 0..24 {
+            let dir = tempfile::tempdir().unwrap();
+            let (batched, ns, actor) = store(&dir, "batched.db").await;
+            let (one_by_one, ns2, actor2) = store(&dir, "one_by_one.db").await;
+            assert_eq!((ns, actor.user_id), (ns2, actor2.user_id));
+            for s in [&batched, &one_by_one] {
+                s.record_blocks(&held, actor.user_id).await.unwrap();
+            }
+            let mut rng = Rng::new(seed);
+            for step in 0..10 {
+                let (tree, _) = batched.list(ns, "", true).await.unwrap();
+                let reqs = random_batch(&mut rng, &tree, &held, &phantoms);
+                let got = fast(&batched, ns, &actor, &reqs).await;
+                let want = each(&one_by_one, ns, &actor, &reqs).await;
+                assert_eq!(got.len(), reqs.len());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        format!("{g:?}"),
+                        format!("{w:?}"),
+                        "seed {seed} step {step} request {i}: {:?}",
+                        reqs[i]
+                    );
+                    *seen.entry(outcome_kind(w)).or_default() += 1;
+                }
+                assert_eq!(
+                    snapshot(&batched).await,
+                    snapshot(&one_by_one).await,
+                    "seed {seed} step {step}"
+                );
+            }
+        }
+        for kind in [
+            "new version",
+            "already there",
+            "conflict",
+            "folder there",
+            "file above",
+            "missing blocks",
+            "size",
+            "content hash",
+            "root",
+        ] {
+            assert!(seen.contains_key(kind), "no {kind:?} outcome in {seen:?}");
+        }
+    }
+
+    /// Batches whose requests depend on each other go one by one, with the same outcome as
+    /// the per-file path, through `commit_files` itself.
+    #[tokio::test]
+    async fn batches_with_interplay_fall_back_to_one_by_one() {
+        let (held, _) = block_pool();
+        let dir = tempfile::tempdir().unwrap();
+        let (batched, ns, actor) = store(&dir, "batched.db").await;
+        let (one_by_one, _, _) = store(&dir, "one_by_one.db").await;
+        for s in [&batched, &one_by_one] {
+            s.record_blocks(&held, actor.user_id).await.unwrap();
+        }
+        let (b0, s0) = (vec![held[0].0.clone()], held[0].1);
+        let (b1, s1) = (vec![held[1].0.clone()], held[1].1);
+        let batches = [
+            // The same path twice: the second builds on the first (dir "d" is revision 1).
+            vec![
+                request("d/f", b0.clone(), s0, None),
+                request("d/f", b1.clone(), s1, Some(2)),
+            ],
+            // A file, then a file below it.
+            vec![
+                request("p", b0.clone(), s0, None),
+                request("p/q", b1.clone(), s1, None),
+            ],
+            // A file below, then a file where its folder is.
+            vec![
+                request("r/s", b0.clone(), s0, None),
+                request("r", b1.clone(), s1, None),
+            ],
+            // A NUL in a path.
+            vec![request("n\0ul", b0.clone(), s0, None)],
+        ];
+        for reqs in &batches {
+            let head = batched.head(ns).await.unwrap();
+            let mut tx = batched.pool.begin().await.unwrap();
+            let taken = SqliteStore::commit_fast_in(&mut tx, ns, &actor, reqs)
+                .await
+                .unwrap();
+            assert!(taken.is_none(), "{reqs:?}");
+            tx.commit().await.unwrap();
+            assert_eq!(batched.head(ns).await.unwrap(), head, "nothing written");
+
+            let got = batched.commit_files(ns, &actor, reqs).await.unwrap();
+            let want = each(&one_by_one, ns, &actor, reqs).await;
+            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+            assert_eq!(snapshot(&batched).await, snapshot(&one_by_one).await);
+        }
+        let (entries, head) = batched.list(ns, "", true).await.unwrap();
+        let tree: Vec<(&str, EntryKind, i64)> = entries
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind, e.rev))
+            .collect();
+        assert_eq!(
+            tree,
+            [
+                ("d", EntryKind::Dir, 1),
+                ("d/f", EntryKind::File, 3),
+                ("n\0ul", EntryKind::File, 7),
+                ("p", EntryKind::File, 4),
+                ("r", EntryKind::Dir, 5),
+                ("r/s", EntryKind::File, 6),
+            ]
+        );
+        assert_eq!(head, 7);
+    }
+
+    /// A database error refuses the whole batch: nothing of it is written.
+    #[tokio::test]
+    async fn a_database_error_refuses_the_whole_batch() {
+        let (held, _) = block_pool();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ns, actor) = store(&dir, "meta.db").await;
+        store.record_blocks(&held, actor.user_id).await.unwrap();
+        let before = snapshot(&store).await;
+        // A failure only the database knows of, met by the batch's last journal row.
+        sqlx::query(
+            "CREATE TRIGGER boom BEFORE INSERT ON journal WHEN NEW.path = 'x/boom'
+             BEGIN SELECT RAISE(ABORT, 'boom'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let reqs = [
+            request("x/ok", vec![held[0].0.clone()], held[0].1, None),
+            request("x/boom", vec![held[1].0.clone()], held[1].1, None),
+        ];
+        match store.commit_files(ns, &actor, &reqs).await {
+            Err(StoreError::Db(_)) => {}
+            other => panic!("expected a database error, got {other:?}"),
+        }
+        assert_eq!(snapshot(&store).await, before);
+    }
+
+    /// A block recorded again keeps its first row; the upload's time moves on, also for an id
+    /// named twice in one call.
+    #[tokio::test]
+    async fn record_blocks_keeps_blocks_and_refreshes_uploads() {
+        let (held, _) = block_pool();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, actor) = store(&dir, "meta.db").await;
+        let (h0, h1) = (held[0].0.clone(), held[1].0.clone());
+        let batch = [(h0.clone(), 5), (h0.clone(), 5), (h1.clone(), 7)];
+        store.record_blocks(&batch, actor.user_id).await.unwrap();
+        sqlx::query("UPDATE blocks SET created_at = 1")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE uploads SET uploaded_at = 1")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store
+            .record_blocks(&[(h0.clone(), 5)], actor.user_id)
+            .await
+            .unwrap();
+        let blocks: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT hash, size, created_at FROM blocks ORDER BY hash")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        let mut want = vec![(h0.clone(), 5, 1), (h1.clone(), 7, 1)];
+        want.sort();
+        assert_eq!(blocks, want);
+        let uploads: Vec<(i64, String, bool)> =
+            sqlx::query_as("SELECT user_id, hash, uploaded_at > 1 FROM uploads ORDER BY hash")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        let mut want = vec![(actor.user_id, h0, true), (actor.user_id, h1, false)];
+        want.sort();
+        assert_eq!(uploads, want);
+    }
+
+    /// How long 20,000 one-block files in 1–3 folder levels take to commit, 1,000 per batch,
+    /// one by one and batched. Prints; asserts nothing about time.
+    /// `cargo test --release commit_speed -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn commit_speed() {
+        const FILES: u64 = 20_000;
+        const BATCH: usize = 1_000;
+        let blocks: Vec<(String, u64)> = (0..FILES)
+            .map(|i| (protocol::block_hash(format!("file {i}").as_bytes()), 100))
+            .collect();
+        let reqs: Vec<CommitRequest> = (0..FILES)
+            .map(|i| {
+                let path = match i % 3 {
+                    0 => format!("d{}/f{i}", i % 10),
+                    1 => format!("d{}/e{}/f{i}", i % 10, i % 7),
+                    _ => format!("d{}/e{}/g{}/f{i}", i % 10, i % 7, i % 5),
+                };
+                request(&path, vec![blocks[i as usize].0.clone()], 100, None)
+            })
+            .collect();
+        for batched in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, ns, actor) = store(&dir, "meta.db").await;
+            let t = std::time::Instant::now();
+            for chunk in blocks.chunks(BATCH) {
+                store.record_blocks(chunk, actor.user_id).await.unwrap();
+            }
+            let recorded = t.elapsed();
+            let t = std::time::Instant::now();
+            for chunk in reqs.chunks(BATCH) {
+                let out = if batched {
+                    store.commit_files(ns, &actor, chunk).await.unwrap()
+                } else {
+                    each(&store, ns, &actor, chunk).await
+                };
+                assert!(out.iter().all(|o| o.is_ok()));
+            }
+            let committed = t.elapsed();
+            let (entries, head) = store.list(ns, "", true).await.unwrap();
+            println!(
+                "{}: record_blocks {recorded:?}, commit {committed:?} ({} entries, head {head})",
+                if batched { "batched" } else { "one by one" },
+                entries.len()
+            );
+        }
     }
 }
