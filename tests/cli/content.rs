@@ -282,10 +282,12 @@ fn edits_of_big_files_round_trip_on_every_path() {
 
     // Edited where it was pushed from (fingerprints recorded by the push): an insert, an
     // overwrite in place (same size) and an append.
-    let edits: [&dyn Fn(&mut Vec<u8>); 3] =
-        [&|d| d.insert(1000, b'X'), &|d| d[13 << 20] ^= 0xff, &|d| {
-            d.extend_from_slice(b"tail")
-        }];
+    type Edit = fn(&mut Vec<u8>);
+    let edits: [Edit; 3] = [
+        |d| d.insert(1000, b'X'),
+        |d| d[13 << 20] ^= 0xff,
+        |d| d.extend_from_slice(b"tail"),
+    ];
     for (i, edit) in edits.iter().enumerate() {
         // On A for the first edits, then on B, whose fingerprints came from a download.
         let (dev, dir, other, odir) = if i < 2 {
@@ -301,7 +303,7 @@ fn edits_of_big_files_round_trip_on_every_path() {
         assert_eq!(pushed["files_uploaded"], 1, "edit {i}");
         let sent = pushed["block_bytes_sent"].as_u64().unwrap();
         assert!(
-            sent > 0 && sent <= 2 * 2 << 20,
+            sent > 0 && sent <= 2 * (2 << 20),
             "edit {i}: {sent} bytes sent"
         );
         other.ok(odir, &["pull"]);
