@@ -17,7 +17,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 (cd "$ROOT" && cargo build --release --quiet --bin dbx)
-rm -rf "$W"; mkdir -p "$W"
+if [ -e "$W" ]; then
+  # This machine's ext4 runs without a journal: for 60 s after many inodes are freed, creating
+  # files is slow (the allocator skips recently freed inodes), which would skew the first runs.
+  rm -rf "$W"; sync
+  echo "# waiting 60 s after deleting the previous run (ext4 inode reuse delay)" >&2; sleep 60
+fi
+mkdir -p "$W"
 python3 "$SB/mkdata.py" "$W/data" "$BIG" "$N"
 echo "# dataset: $(find "$W/data" -type f | wc -l) files, $(du -sb "$W/data" | cut -f1) bytes; $(nproc) cpus"
 DATASET="$W/data" "$ROOT/bench/roundtrip.sh" "$BIG" "$N" "$W/dbx" | tee "$W/dbx.out"

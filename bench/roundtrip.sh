@@ -15,7 +15,13 @@ MKDATA=${MKDATA:-$ROOT/../shared/bench/mkdata.py}
 [ -x "$DBX" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 [ -f "$MKDATA" ] || { echo "no dataset generator at $MKDATA (set MKDATA)" >&2; exit 2; }
 
-rm -rf "$W"; mkdir -p "$W"
+if [ -e "$W" ]; then
+  # This machine's ext4 runs without a journal: for 60 s after many inodes are freed, creating
+  # files is slow (the allocator skips recently freed inodes), which would skew the first runs.
+  rm -rf "$W"; sync
+  echo "# waiting 60 s after deleting the previous run (ext4 inode reuse delay)" >&2; sleep 60
+fi
+mkdir -p "$W"
 export HOME=$W/home XDG_CONFIG_HOME=$W/home/config DBX_KEYRING=file
 if [ -n "${DATASET:-}" ]; then cp -r "$DATASET" "$W/src"; else python3 "$MKDATA" "$W/src" "$BIG" "$N"; fi
 "$DBX" admin user add bench --password-stdin --data "$W/data" <<<"bench-password" >/dev/null
