@@ -242,7 +242,7 @@ fn local_states(
 }
 
 /// How many journal rows one request reads.
-const JOURNAL_PAGE: u32 = 1000;
+const JOURNAL_PAGE: u32 = 5000;
 /// The default delete guard: a run that would delete more than this many files, and more than
 /// half of the folder, stops before deleting anything.
 const DEFAULT_MAX_DELETE: usize = 100;

@@ -244,11 +244,17 @@ pub fn digest_tree(root: &Path) -> BTreeMap<String, String> {
         if rel == ".dbx" || rel.starts_with(".dbx/") {
             continue;
         }
-        let meta = std::fs::symlink_metadata(&entry).unwrap();
+        // A live watcher may rename or remove entries (its temp files) while this walks: an
+        // entry gone meanwhile is not part of the tree.
+        let Ok(meta) = std::fs::symlink_metadata(&entry) else {
+            continue;
+        };
         let v = if meta.is_dir() {
             "dir".to_string()
         } else {
-            let bytes = std::fs::read(&entry).unwrap();
+            let Ok(bytes) = std::fs::read(&entry) else {
+                continue;
+            };
             let exec = meta.permissions().mode() & 0o111 != 0;
             format!("{} x={exec}", hex::encode(Sha256::digest(&bytes)))
         };
@@ -261,12 +267,15 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue; // removed while walking (see `digest_tree`)
+        };
+        for e in entries.flatten() {
+            let p = e.path();
             if p.file_name().is_some_and(|n| n == ".dbx") {
                 continue;
             }
-            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
                 stack.push(p.clone());
             }
             out.push(p);

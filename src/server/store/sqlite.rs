@@ -80,6 +80,46 @@ fn entry_from_row(row: &SqliteRow) -> Result<Entry, sqlx::Error> {
     })
 }
 
+/// A journal row as the JSON array the journal query makes of it (fields in order).
+#[derive(serde::Deserialize)]
+struct JournalRow {
+    id: i64,
+    op: String,
+    path: String,
+    old_path: Option<String>,
+    kind: String,
+    size: i64,
+    content_hash: Option<String>,
+    blocks: String,
+    mtime: i64,
+    executable: i64,
+    user: String,
+    device: Option<String>,
+    time: i64,
+}
+
+impl JournalRow {
+    fn into_entry(self) -> StoreResult<JournalEntry> {
+        Ok(JournalEntry {
+            id: self.id,
+            op: JournalOp::parse(&self.op).ok_or_else(|| {
+                sqlx::Error::Decode(format!("bad journal op {:?}", self.op).into())
+            })?,
+            path: self.path,
+            old_path: self.old_path,
+            kind: kind_from(&self.kind)?,
+            size: self.size as u64,
+            content_hash: self.content_hash,
+            blocks: split_blocks(&self.blocks),
+            mtime: self.mtime,
+            executable: self.executable != 0,
+            user: self.user,
+            device: self.device,
+            time: self.time,
+        })
+    }
+}
+
 fn journal_from_row(r: &SqliteRow) -> StoreResult<JournalEntry> {
     let op: String = r.try_get("op")?;
     Ok(JournalEntry {
@@ -1452,19 +1492,34 @@ impl MetaStore for SqliteStore {
             }
         }
         let (lo, hi) = subtree_bounds(path);
-        let rows = sqlx::query(
-            "SELECT * FROM files WHERE ns = ? AND path >= ? AND path < ? ORDER BY path",
+        // One JSON array built by SQLite rather than a row per entry (see `journal`).
+        let listing: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(path, kind, rev, size, content_hash, mtime,
+                      executable, blocks) ORDER BY path)
+             FROM files WHERE ns = ? AND path >= ? AND path < ?",
         )
         .bind(ns)
         .bind(&lo)
         .bind(hi)
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        #[derive(serde::Deserialize)]
+        struct FileRow(String, String, i64, i64, Option<String>, i64, i64, String);
+        let rows: Vec<FileRow> = serde_json::from_str(&listing)
+            .map_err(|e| sqlx::Error::Decode(format!("listing: {e}").into()))?;
         let mut entries = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let e = entry_from_row(r)?;
-            if recursive || !e.path[lo.len()..].contains('/') {
-                entries.push(e);
+        for FileRow(path, kind, rev, size, content_hash, mtime, executable, blocks) in rows {
+            if recursive || !path[lo.len()..].contains('/') {
+                entries.push(Entry {
+                    path,
+                    kind: kind_from(&kind)?,
+                    rev,
+                    size: size as u64,
+                    content_hash,
+                    mtime,
+                    executable: executable != 0,
+                    blocks: split_blocks(&blocks),
+                });
             }
         }
         tx.commit().await?;
@@ -1486,19 +1541,26 @@ impl MetaStore for SqliteStore {
         cursor: i64,
         limit: u32,
     ) -> StoreResult<(Vec<JournalEntry>, i64, bool)> {
-        let rows = sqlx::query(
-            "SELECT j.*, u.name AS user_name FROM journal j JOIN users u ON u.id = j.user_id
-             WHERE j.ns = ? AND j.id > ? ORDER BY j.id LIMIT ?",
+        // The page is built by SQLite as one JSON array: one value crosses from sqlx's worker
+        // thread instead of one row per entry (most of the cost of a long page).
+        let page: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(j.id, j.op, j.path, j.old_path, j.kind, j.size,
+                      j.content_hash, j.blocks, j.mtime, j.executable, u.name, j.device,
+                      j.created_at) ORDER BY j.id)
+             FROM (SELECT * FROM journal WHERE ns = ? AND id > ? ORDER BY id LIMIT ?) j
+             JOIN users u ON u.id = j.user_id",
         )
         .bind(ns)
         .bind(cursor)
         .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
+        let rows: Vec<JournalRow> = serde_json::from_str(&page)
+            .map_err(|e| sqlx::Error::Decode(format!("journal page: {e}").into()))?;
         let has_more = rows.len() > limit as usize;
         let mut entries = Vec::with_capacity(rows.len().min(limit as usize));
-        for r in rows.iter().take(limit as usize) {
-            entries.push(journal_from_row(r)?);
+        for r in rows.into_iter().take(limit as usize) {
+            entries.push(r.into_entry()?);
         }
         let new_cursor = match entries.last() {
             Some(e) => e.id,
