@@ -1109,21 +1109,23 @@ impl Apply<'_> {
             .map(|job| {
                 let progress = progress.clone();
                 async move {
-                    let reads = job.clone();
-                    let read = blocking(move || {
-                        reads
-                            .into_iter()
-                            .map(|(path, full, b, scanned)| {
-                                let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
-                                    .map_err(|e| EngineError::Io {
-                                        path: full.clone(),
-                                        source: e,
-                                    })?;
-                                Ok((path, b.hash, bytes))
-                            })
-                            .collect::<Result<Vec<_>, EngineError>>()
-                    })
-                    .await?;
+                    // Read here, on the runtime's worker, not on a blocking-pool thread: the
+                    // buffers are freed on the workers once sent, and with allocation and free
+                    // on the same few threads glibc's per-thread arenas do not pile up freed
+                    // blocks (the client's peak RSS pushing 10 GiB: 119 → 98 MiB). Reads of at
+                    // most a few MiB, mostly from the page cache the hashing just filled.
+                    let read = job
+                        .clone()
+                        .into_iter()
+                        .map(|(path, full, b, scanned)| {
+                            let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
+                                .map_err(|e| EngineError::Io {
+                                    path: full.clone(),
+                                    source: e,
+                                })?;
+                            Ok((path, b.hash, bytes))
+                        })
+                        .collect::<Result<Vec<_>, EngineError>>()?;
                     let mut outcome = Vec::with_capacity(read.len());
                     let mut send = Vec::with_capacity(read.len());
                     for (path, hash, bytes) in read {
