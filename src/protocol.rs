@@ -459,7 +459,8 @@ pub struct ErrorBody {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorInfo {
     /// Stable, machine-readable: `unauthorized`, `not_found`, `conflict`, `missing_blocks`,
-    /// `hash_mismatch`, `invalid_path`, `bad_request`, `too_large`, `unavailable`, `internal`.
+    /// `hash_mismatch`, `invalid_path`, `bad_request`, `too_large`, `unavailable`,
+    /// `storage_full` (507: the server's disk is full), `internal`.
     pub code: String,
     pub message: String,
     /// For `missing_blocks`: the hashes the server does not hold.

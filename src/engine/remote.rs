@@ -53,7 +53,8 @@ impl RemoteError {
     pub fn is_transient(&self) -> bool {
         match self {
             RemoteError::Unreachable { .. } | RemoteError::Unavailable { .. } => true,
-            RemoteError::Refused { status, .. } => *status >= 500,
+            // 507: the server's disk is full; retrying will not free it.
+            RemoteError::Refused { status, .. } => *status >= 500 && *status != 507,
             _ => false,
         }
     }

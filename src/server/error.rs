@@ -69,6 +69,7 @@ impl ApiError {
             ApiError::PathConflict(_) => (StatusCode::CONFLICT, "path_conflict"),
             ApiError::MissingBlocks(_) => (StatusCode::BAD_REQUEST, "missing_blocks"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            _ if self.is_storage_full() => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
             ApiError::Store(_) | ApiError::Blob(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -77,6 +78,20 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// The server's disk (blocks or database) is full: not worth a client's retry, and the
+    /// admin's to fix. Nothing was acknowledged, so nothing is half-stored.
+    fn is_storage_full(&self) -> bool {
+        match self {
+            ApiError::Blob(BlobError::Io(e)) => e.kind() == std::io::ErrorKind::StorageFull,
+            // SQLITE_FULL
+            ApiError::Store(StoreError::Db(e)) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "13"),
+            _ => false,
+        }
+    }
+
     /// The error as the body's `error` object (also used per item in batch answers).
     pub fn info(self) -> ErrorInfo {
         let (status, code) = self.status_and_code();
@@ -108,3 +123,22 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_storage_full() {
+        let full = ApiError::Blob(BlobError::Io(std::io::ErrorKind::StorageFull.into()));
+        assert_eq!(
+            full.status_and_code(),
+            (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
+        );
+        let other = ApiError::Blob(BlobError::Io(std::io::ErrorKind::PermissionDenied.into()));
+        assert_eq!(
+            other.status_and_code(),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+    }
+}
