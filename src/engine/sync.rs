@@ -37,6 +37,10 @@ const HASH_PARALLELISM: usize = 2;
 const UPLOAD_PARALLELISM: usize = 4;
 /// Commits per request (each batch is one durable transaction on the server).
 const COMMIT_BATCH: usize = 1000;
+/// Content per upload chunk, at most (a chunk may hold one bigger file).
+const UPLOAD_CHUNK_BYTES: u64 = 64 << 20;
+/// Upload chunks under way at once: one committing while the next one's blocks travel.
+const UPLOAD_CHUNKS_IN_FLIGHT: usize = 2;
 /// Blocks smaller than this travel many to a request.
 const SMALL_BLOCK: usize = 1 << 20;
 /// Bytes of small blocks per batch request.
@@ -708,6 +712,129 @@ struct Apply<'a> {
     progress: Arc<dyn Progress>,
 }
 
+/// What one chunk of an upload did (see `Apply::upload`).
+#[derive(Default)]
+struct ChunkUploaded {
+    blocks_uploaded: u64,
+    block_bytes_sent: u64,
+    bytes_deduplicated: u64,
+    /// Files that changed since they were hashed: not committed, they go next time.
+    changed: Vec<String>,
+    commits: Vec<(
+        String,
+        LocalEntry,
+        CommitRequest,
+        Result<protocol::CommitResponse, RemoteError>,
+    )>,
+}
+
+/// The requests that send `missing` blocks: small blocks many to a request (one durable write
+/// on the server for all of them), large ones one per request.
+fn upload_jobs(
+    root: &Path,
+    scan: &Scan,
+    missing: &[String],
+    sources: &HashMap<&str, (&str, &BlockRef)>,
+) -> Vec<Vec<UploadJob>> {
+    let mut jobs: Vec<Vec<UploadJob>> = Vec::new();
+    let mut batch: Vec<UploadJob> = Vec::new();
+    let mut batch_bytes = 0usize;
+    for (p, b) in missing.iter().filter_map(|h| sources.get(h.as_str())) {
+        // A file modified in the last moments may change again within one mtime tick:
+        // its blocks are re-hashed on read instead of trusting the stat.
+        let scanned = scan.tree.get(*p).filter(|l| index_mtime(l) != i64::MIN);
+        let job = (p.to_string(), root.join(p), (*b).clone(), scanned.cloned());
+        if b.len as usize >= SMALL_BLOCK {
+            jobs.push(vec![job]);
+            continue;
+        }
+        if batch_bytes + b.len as usize > BATCH_BYTES || batch.len() == protocol::MAX_BATCH_BLOCKS {
+            jobs.push(std::mem::take(&mut batch));
+            batch_bytes = 0;
+        }
+        batch_bytes += b.len as usize;
+        batch.push(job);
+    }
+    if !batch.is_empty() {
+        jobs.push(batch);
+    }
+    jobs
+}
+
+/// Sends blocks, [`UPLOAD_PARALLELISM`] requests at a time. Per block: its file, its id, its
+/// length, and whether it was sent (false: the file changed since it was hashed; not sent).
+async fn send_blocks(
+    remote: &Remote,
+    progress: &Arc<dyn Progress>,
+    jobs: Vec<Vec<UploadJob>>,
+) -> Result<Vec<BlockSent>, EngineError> {
+    let results: Vec<Vec<BlockSent>> = stream::iter(jobs)
+        .map(|job| {
+            let progress = progress.clone();
+            async move {
+                // Read here, on the runtime's worker, not on a blocking-pool thread: the
+                // buffers are freed on the workers once sent, and with allocation and free
+                // on the same few threads glibc's per-thread arenas do not pile up freed
+                // blocks (the client's peak RSS pushing 10 GiB: 119 → 98 MiB). Reads of at
+                // most a few MiB, mostly from the page cache the hashing just filled.
+                let read =
+                    job.clone()
+                        .into_iter()
+                        .map(|(path, full, b, scanned)| {
+                            let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
+                                .map_err(|e| EngineError::Io {
+                                    path: full.clone(),
+                                    source: e,
+                                })?;
+                            Ok((path, b.hash, bytes))
+                        })
+                        .collect::<Result<Vec<_>, EngineError>>()?;
+                let mut outcome = Vec::with_capacity(read.len());
+                let mut send = Vec::with_capacity(read.len());
+                for (path, hash, bytes) in read {
+                    match bytes {
+                        // Changed since it was hashed: not sent, not committed.
+                        None => outcome.push((path, hash, 0, false)),
+                        Some(bytes) => {
+                            outcome.push((path, hash.clone(), bytes.len() as u64, true));
+                            send.push((hash, bytes));
+                        }
+                    }
+                }
+                let len: u64 = send.iter().map(|(_, b)| b.len() as u64).sum();
+                let sent = match send.len() {
+                    0 => Ok(()),
+                    1 if job.len() == 1 => {
+                        let (hash, bytes) = send.pop().expect("one block");
+                        remote.put_block(&hash, bytes).await.map(drop)
+                    }
+                    _ => remote.put_blocks(&send).await.map(drop),
+                };
+                match sent {
+                    Ok(()) => {}
+                    // Bytes that no longer hash to the id computed when the file was
+                    // hashed: a file of this request changed under the stat check. The
+                    // server stored none of it; those files go next time.
+                    Err(RemoteError::Refused { code, .. }) if code == "hash_mismatch" => {
+                        for o in &mut outcome {
+                            (o.2, o.3) = (0, false);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                progress.advance(len);
+                Ok::<_, EngineError>(outcome)
+            }
+        })
+        .buffer_unordered(UPLOAD_PARALLELISM)
+        .try_collect()
+        .await?;
+    Ok(results.into_iter().flatten().collect())
+}
+
+/// What became of one block sent: its file, its id, its length, whether it went.
+type BlockSent = (String, String, u64, bool);
+
 /// A block to upload: the file's relative and full path, where the block lies, and the stat the
 /// file had when it was hashed (`None`: re-hash the bytes read instead of trusting the stat).
 type UploadJob = (String, PathBuf, BlockRef, Option<LocalEntry>);
@@ -1025,6 +1152,10 @@ impl Apply<'_> {
         Ok(())
     }
 
+    /// Uploads files: in chunks of at most [`COMMIT_BATCH`] files and [`UPLOAD_CHUNK_BYTES`]
+    /// of content, each checked against the server, sent and committed on its own, with
+    /// [`UPLOAD_CHUNKS_IN_FLIGHT`] chunks at a time so the next chunk's blocks travel while this
+    /// one commits. A run killed halfway keeps every chunk it committed.
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
         // Files planned without a digest (renamed ones whose hash came from the index).
         let undigested: Vec<(String, u64, KnownBlocks)> = files
@@ -1043,6 +1174,61 @@ impl Apply<'_> {
             .await?;
             self.digests.extend(more);
         }
+        let size_of = |p: &str| self.digests.get(p).map_or(0, |d| d.size);
+        let total: u64 = files.iter().map(|(p, _)| size_of(p)).sum();
+        let mut chunks: Vec<Vec<(String, Option<i64>)>> = Vec::new();
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0u64;
+        for f in files {
+            let size = size_of(&f.0);
+            if !chunk.is_empty()
+                && (chunk.len() == COMMIT_BATCH || chunk_bytes + size > UPLOAD_CHUNK_BYTES)
+            {
+                chunks.push(std::mem::take(&mut chunk));
+                chunk_bytes = 0;
+            }
+            chunk_bytes += size;
+            chunk.push(f);
+        }
+        if !chunks.is_empty() || !chunk.is_empty() {
+            chunks.push(chunk);
+        }
+        self.progress.start("uploading", total);
+        let t0 = std::time::Instant::now();
+        let this = &*self;
+        let mut sent = stream::iter(chunks)
+            .map(|c| this.upload_chunk(c))
+            .buffered(UPLOAD_CHUNKS_IN_FLIGHT);
+        let mut outcomes = Vec::new();
+        let mut failed = None;
+        while let Some(r) = sent.next().await {
+            match r {
+                Ok(o) => outcomes.push(o),
+                // Stop starting chunks; what committed so far is still recorded below.
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(sent);
+        self.progress.finish();
+        tracing::debug!(elapsed = ?t0.elapsed(), "upload: sent and committed");
+        for o in outcomes {
+            self.absorb_upload(o)?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// One chunk of an upload: which blocks the server lacks, sending them, then one commit
+    /// request for the chunk's files. Changes nothing in `self`: the caller absorbs the result.
+    async fn upload_chunk(
+        &self,
+        files: Vec<(String, Option<i64>)>,
+    ) -> Result<ChunkUploaded, EngineError> {
         // Each distinct block once, with where to read it from.
         let mut sources: HashMap<&str, (&str, &BlockRef)> = HashMap::new();
         let mut total_bytes = 0u64;
@@ -1060,125 +1246,24 @@ impl Apply<'_> {
         for batch in hashes.chunks(MISSING_BATCH) {
             missing.extend(self.remote.missing(batch.to_vec()).await?);
         }
-        let t0 = std::time::Instant::now();
-        tracing::debug!(
-            blocks = hashes.len(),
-            missing = missing.len(),
-            "upload: missing checked"
-        );
-        let send_bytes: u64 = missing
-            .iter()
-            .filter_map(|h| sources.get(h.as_str()))
-            .map(|(_, b)| u64::from(b.len))
-            .sum();
-        self.progress.start("uploading", send_bytes);
         let root = self.root;
         let remote = self.remote;
         let progress = self.progress.clone();
-        // Small blocks travel many to a request (one durable write on the server for all of
-        // them); large ones one per request. Either way several requests are in flight.
-        let mut jobs: Vec<Vec<UploadJob>> = Vec::new();
-        let mut batch: Vec<UploadJob> = Vec::new();
-        let mut batch_bytes = 0usize;
-        for (p, b) in missing.iter().filter_map(|h| sources.get(h.as_str())) {
-            // A file modified in the last moments may change again within one mtime tick:
-            // its blocks are re-hashed on read instead of trusting the stat.
-            let scanned = self
-                .scan
-                .tree
-                .get(*p)
-                .filter(|l| index_mtime(l) != i64::MIN);
-            let job = (p.to_string(), root.join(p), (*b).clone(), scanned.cloned());
-            if b.len as usize >= SMALL_BLOCK {
-                jobs.push(vec![job]);
-                continue;
-            }
-            if batch_bytes + b.len as usize > BATCH_BYTES
-                || batch.len() == protocol::MAX_BATCH_BLOCKS
-            {
-                jobs.push(std::mem::take(&mut batch));
-                batch_bytes = 0;
-            }
-            batch_bytes += b.len as usize;
-            batch.push(job);
-        }
-        if !batch.is_empty() {
-            jobs.push(batch);
-        }
-        let results: Vec<Vec<(String, u64, bool)>> = stream::iter(jobs)
-            .map(|job| {
-                let progress = progress.clone();
-                async move {
-                    // Read here, on the runtime's worker, not on a blocking-pool thread: the
-                    // buffers are freed on the workers once sent, and with allocation and free
-                    // on the same few threads glibc's per-thread arenas do not pile up freed
-                    // blocks (the client's peak RSS pushing 10 GiB: 119 → 98 MiB). Reads of at
-                    // most a few MiB, mostly from the page cache the hashing just filled.
-                    let read = job
-                        .clone()
-                        .into_iter()
-                        .map(|(path, full, b, scanned)| {
-                            let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
-                                .map_err(|e| EngineError::Io {
-                                    path: full.clone(),
-                                    source: e,
-                                })?;
-                            Ok((path, b.hash, bytes))
-                        })
-                        .collect::<Result<Vec<_>, EngineError>>()?;
-                    let mut outcome = Vec::with_capacity(read.len());
-                    let mut send = Vec::with_capacity(read.len());
-                    for (path, hash, bytes) in read {
-                        match bytes {
-                            // Changed since it was hashed: not sent, not committed.
-                            None => outcome.push((path, 0, false)),
-                            Some(bytes) => {
-                                outcome.push((path, bytes.len() as u64, true));
-                                send.push((hash, bytes));
-                            }
-                        }
-                    }
-                    let len: u64 = send.iter().map(|(_, b)| b.len() as u64).sum();
-                    let sent = match send.len() {
-                        0 => Ok(()),
-                        1 if job.len() == 1 => {
-                            let (hash, bytes) = send.pop().expect("one block");
-                            remote.put_block(&hash, bytes).await.map(drop)
-                        }
-                        _ => remote.put_blocks(&send).await.map(drop),
-                    };
-                    match sent {
-                        Ok(()) => {}
-                        // Bytes that no longer hash to the id computed when the file was
-                        // hashed: a file of this request changed under the stat check. The
-                        // server stored none of it; those files go next time.
-                        Err(RemoteError::Refused { code, .. }) if code == "hash_mismatch" => {
-                            for o in &mut outcome {
-                                *o = (o.0.clone(), 0, false);
-                            }
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                    progress.advance(len);
-                    Ok::<_, EngineError>(outcome)
-                }
-            })
-            .buffer_unordered(UPLOAD_PARALLELISM)
-            .try_collect()
-            .await?;
-        self.progress.finish();
-        tracing::debug!(elapsed = ?t0.elapsed(), "upload: blocks sent");
+        let jobs = upload_jobs(root, self.scan, &missing, &sources);
+        let results = send_blocks(remote, &progress, jobs).await?;
+        let mut out = ChunkUploaded::default();
         let mut changed: HashSet<String> = HashSet::new();
-        for (path, len, sent) in results.into_iter().flatten() {
+        for (path, _, len, sent) in results {
             if sent {
-                self.report.blocks_uploaded += 1;
-                self.report.block_bytes_sent += len;
+                out.blocks_uploaded += 1;
+                out.block_bytes_sent += len;
             } else {
                 changed.insert(path);
             }
         }
-        self.report.bytes_deduplicated += total_bytes.saturating_sub(self.report.block_bytes_sent);
-
+        out.bytes_deduplicated = total_bytes.saturating_sub(out.block_bytes_sent);
+        // What was deduplicated counts as done too.
+        progress.advance(out.bytes_deduplicated);
         let commits: Vec<(String, LocalEntry, CommitRequest)> = files
             .iter()
             .filter(|(p, _)| !changed.contains(p))
@@ -1202,24 +1287,30 @@ impl Apply<'_> {
                 Some((path.clone(), l, req))
             })
             .collect();
-        for path in changed {
+        out.changed = changed.into_iter().collect();
+        // One request and one durable transaction for the chunk's commits.
+        if !commits.is_empty() {
+            let reqs: Vec<CommitRequest> = commits.iter().map(|(_, _, r)| r.clone()).collect();
+            let outcomes = remote.commit_batch(reqs).await?;
+            for ((path, l, req), r) in commits.into_iter().zip(outcomes) {
+                out.commits.push((path, l, req, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records what an upload chunk did: counts, warnings, conflicts, index and remote ops.
+    fn absorb_upload(&mut self, o: ChunkUploaded) -> Result<(), EngineError> {
+        self.report.blocks_uploaded += o.blocks_uploaded;
+        self.report.block_bytes_sent += o.block_bytes_sent;
+        self.report.bytes_deduplicated += o.bytes_deduplicated;
+        for path in o.changed {
             self.report.retry = true;
             self.report.warnings.push(format!(
                 "{path} changed while being uploaded; it will go next time"
             ));
         }
-        // Commits in batches: one request and one durable transaction per batch.
-        let batches: Vec<Vec<(String, LocalEntry, CommitRequest)>> =
-            commits.chunks(COMMIT_BATCH).map(<[_]>::to_vec).collect();
-        let mut results = Vec::new();
-        for batch in batches {
-            let reqs: Vec<CommitRequest> = batch.iter().map(|(_, _, r)| r.clone()).collect();
-            let outcomes = remote.commit_batch(reqs).await?;
-            for ((path, l, req), r) in batch.into_iter().zip(outcomes) {
-                results.push((path, l, req, r));
-            }
-        }
-        tracing::debug!(elapsed = ?t0.elapsed(), "upload: committed");
+        let results = o.commits;
         for (path, l, req, r) in results {
             match r {
                 Ok(resp) => {
@@ -1347,7 +1438,8 @@ impl Apply<'_> {
                 }
             })
             .buffer_unordered(DOWNLOAD_FILES_PARALLELISM);
-        let results: Vec<_> = grouped.chain(single).collect().await;
+        // Both at once: a big file downloads while the small ones are written.
+        let results: Vec<_> = stream::select(grouped, single).collect().await;
         self.progress.finish();
         let mut dirs = HashSet::new();
         let mut first_err = None;
