@@ -168,7 +168,9 @@ impl Index {
     /// Every row of `table` (optionally of one namespace), as `row_json` makes it, in pages of
     /// [`LOAD_PAGE`] rows: SQLite builds each page as one JSON array, so one value per page
     /// crosses from sqlx's worker thread instead of one row per entry (that per-row hand-off
-    /// was most of a no-op sync over 20,000 files). Memory stays bounded by the page.
+    /// was most of a no-op sync over 20,000 files). Memory stays bounded by the page. `NOT
+    /// INDEXED`: pages walk the rowid order; through the `(ns, path)` index SQLite would sort
+    /// the whole namespace again for every page (twice the time).
     async fn load_pages<T: serde::de::DeserializeOwned>(
         &self,
         row_json: &str,
@@ -178,7 +180,8 @@ impl Index {
         let filter = if ns.is_some() { "AND ns = ?" } else { "" };
         let sql = format!(
             "SELECT max(rowid), json_group_array({row_json})
-             FROM (SELECT rowid, * FROM {table} WHERE rowid > ? {filter} ORDER BY rowid LIMIT ?)"
+             FROM (SELECT rowid, * FROM {table} NOT INDEXED
+                   WHERE rowid > ? {filter} ORDER BY rowid LIMIT ?)"
         );
         let mut out = Vec::new();
         let mut after = i64::MIN;

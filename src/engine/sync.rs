@@ -311,7 +311,9 @@ async fn fetch_remote(
     let stored = index.cursor(ROOT_NS).await?;
     let mut replaced = stored.as_ref().is_some_and(|(_, e)| e != epoch);
     if let Some((mut cursor, _)) = stored.filter(|_| !replaced) {
+        let t = std::time::Instant::now();
         let mut tree = index.load_remote(ROOT_NS).await?;
+        tracing::debug!(elapsed = ?t.elapsed(), entries = tree.len(), "remote tree: stored part loaded");
         let mut ops = Vec::new();
         loop {
             let page = remote.journal(cursor, JOURNAL_PAGE).await?;
