@@ -394,6 +394,44 @@ fn detect_moves(
 }
 
 /// Plans one run. See the module docs for the rules.
+/// Every path of the three trees once, in order, with what each holds for it: a merge of their
+/// sorted keys, with no set to build and no lookups (this loop runs over every file on every
+/// sync, most often to find nothing to do).
+fn merged<'a>(
+    local: &'a LocalStates,
+    synced: &'a SyncedTree,
+    remote: &'a RemoteTree,
+) -> impl Iterator<
+    Item = (
+        &'a String,
+        Option<&'a LocalState>,
+        Option<&'a SyncedEntry>,
+        Option<&'a Entry>,
+    ),
+> {
+    let (mut l, mut s, mut r) = (
+        local.iter().peekable(),
+        synced.iter().peekable(),
+        remote.iter().peekable(),
+    );
+    std::iter::from_fn(move || {
+        let next = [
+            l.peek().map(|e| e.0),
+            s.peek().map(|e| e.0),
+            r.peek().map(|e| e.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        Some((
+            next,
+            l.next_if(|e| e.0 == next).map(|e| e.1),
+            s.next_if(|e| e.0 == next).map(|e| e.1),
+            r.next_if(|e| e.0 == next).map(|e| e.1),
+        ))
+    })
+}
+
 pub fn plan(
     local: &LocalStates,
     synced: &SyncedTree,
@@ -404,16 +442,10 @@ pub fn plan(
     let mut handled = BTreeSet::new();
     let mut actions = detect_moves(local, synced, remote, direction, &mut handled);
     let mut copies: BTreeSet<String> = BTreeSet::new();
-    let paths: BTreeSet<&String> = local
-        .keys()
-        .chain(synced.keys())
-        .chain(remote.keys())
-        .filter(|p| !handled.contains(*p))
-        .collect();
-    for path in paths {
-        let l = local.get(path);
-        let s = synced.get(path);
-        let r = remote.get(path);
+    for (path, l, s, r) in merged(local, synced, remote) {
+        if handled.contains(path) {
+            continue;
+        }
         let p = path.clone();
         let one_way_conflict = |reason: &str| Action::Conflict {
             path: path.clone(),
@@ -727,6 +759,30 @@ mod tests {
     }
     fn is_conflict(a: &[Action]) -> bool {
         a.len() == 1 && matches!(a[0], Action::Conflict { .. })
+    }
+
+    #[test]
+    fn merged_visits_every_path_once_in_order() {
+        let f = file("h");
+        let local: LocalStates = ["a", "c", "d/x"].map(|p| (p.to_string(), f.clone())).into();
+        let synced: SyncedTree = ["b", "c"].map(|p| (p.to_string(), synced(&f, 1))).into();
+        let remote: RemoteTree = ["a", "d", "d/x", "e"]
+            .map(|p| (p.to_string(), remote(p, &f, 1)))
+            .into();
+        let seen: Vec<(&str, bool, bool, bool)> = merged(&local, &synced, &remote)
+            .map(|(p, l, s, r)| (p.as_str(), l.is_some(), s.is_some(), r.is_some()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", true, false, true),
+                ("b", false, true, false),
+                ("c", true, true, false),
+                ("d", false, false, true),
+                ("d/x", true, false, true),
+                ("e", false, false, true),
+            ]
+        );
     }
 
     #[test]
