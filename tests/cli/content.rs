@@ -313,3 +313,59 @@ fn edits_of_big_files_round_trip_on_every_path() {
     let listing = a.json(da.path(), &["ls"]);
     assert_eq!(listing["entries"][0]["size"], data.len());
 }
+
+/// A push goes in chunks, each committed on its own: killed after some chunks committed, the
+/// next push commits only the rest, and the server ends up with exactly the local tree.
+#[tokio::test]
+async fn a_push_killed_between_chunks_keeps_what_it_committed() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(31);
+    let n = 3500; // four chunks of at most 1,000 files
+    for i in 0..n {
+        let size = 1 + rng.below(3000) as usize;
+        write_file(
+            &dir.path().join(format!("d{}/f{i}.txt", i % 13)),
+            &rng.bytes(size),
+        );
+    }
+    dev.init(dir.path());
+    let tok = api_token(&server, "alice").await;
+    let committed = || async {
+        let list = api_get(&server, &tok, "files/list?path=&recursive=true").await;
+        list["entries"]
+            .as_array()
+            .map_or(0, |e| e.iter().filter(|e| e["kind"] == "file").count())
+    };
+    let mut child = dev.cmd(dir.path()).arg("push").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while committed().await == 0 && child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // A commit the server was processing when the client died may still land; let it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = committed().await;
+    eprintln!("committed before the kill: {before} of {n}");
+    assert!(before > 0, "the first chunk was committed before the kill");
+    assert!(
+        before % 1000 == 0 || before == n,
+        "whole chunks only: {before}"
+    );
+
+    let report = dev.json(dir.path(), &["push"]);
+    assert_eq!(
+        report["files_uploaded"].as_u64().unwrap() as usize,
+        n - before,
+        "only what was not committed goes again"
+    );
+    assert_eq!(committed().await, n);
+    let other = tempfile::tempdir().unwrap();
+    dev.init(other.path());
+    dev.ok(other.path(), &["pull"]);
+    assert_same(&digest_tree(other.path()), &digest_tree(dir.path()));
+}
