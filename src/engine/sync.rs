@@ -39,6 +39,8 @@ const UPLOAD_PARALLELISM: usize = 4;
 const COMMIT_BATCH: usize = 1000;
 /// Content per upload chunk, at most (a chunk may hold one bigger file).
 const UPLOAD_CHUNK_BYTES: u64 = 64 << 20;
+/// Blocks of one upload chunk turned into requests at a time (~512 MiB of a big file).
+const UPLOAD_WINDOW: usize = 1024;
 /// Upload chunks under way at once: one committing while the next one's blocks travel.
 const UPLOAD_CHUNKS_IN_FLIGHT: usize = 2;
 /// Blocks smaller than this travel many to a request.
@@ -1251,16 +1253,19 @@ impl Apply<'_> {
         let root = self.root;
         let remote = self.remote;
         let progress = self.progress.clone();
-        let jobs = upload_jobs(root, self.scan, &missing, &sources);
-        let results = send_blocks(remote, &progress, jobs).await?;
         let mut out = ChunkUploaded::default();
         let mut changed: HashSet<String> = HashSet::new();
-        for (path, _, len, sent) in results {
-            if sent {
-                out.blocks_uploaded += 1;
-                out.block_bytes_sent += len;
-            } else {
-                changed.insert(path);
+        // A window of blocks at a time: the per-block requests and results of a huge file
+        // never all exist at once.
+        for window in missing.chunks(UPLOAD_WINDOW) {
+            let jobs = upload_jobs(root, self.scan, window, &sources);
+            for (path, _, len, sent) in send_blocks(remote, &progress, jobs).await? {
+                if sent {
+                    out.blocks_uploaded += 1;
+                    out.block_bytes_sent += len;
+                } else {
+                    changed.insert(path);
+                }
             }
         }
         out.bytes_deduplicated = total_bytes.saturating_sub(out.block_bytes_sent);
