@@ -405,34 +405,19 @@ impl SqliteStore {
         }
         let head = Self::lock_ns(tx, ns).await?;
 
-        // Every referenced block must be durable already: that is what makes a commit safe to
-        // show to other devices.
-        let mut missing = Vec::new();
-        let mut seen = HashSet::new();
-        let mut total: u64 = 0;
+        // One query per block (not `json_each`): this path also takes the batches the fast path
+        // declines, NUL-holding ids among them.
+        let mut sizes = HashMap::new();
         for hash in &req.blocks {
             let size: Option<i64> = sqlx::query_scalar("SELECT size FROM blocks WHERE hash = ?")
                 .bind(hash)
                 .fetch_optional(&mut *tx)
                 .await?;
-            match size {
-                Some(s) => total += s as u64,
-                None => {
-                    if seen.insert(hash.as_str()) {
-                        missing.push(hash.clone());
-                    }
-                }
+            if let Some(size) = size {
+                sizes.insert(hash.clone(), size);
             }
         }
-        if !missing.is_empty() {
-            return Err(StoreError::MissingBlocks(missing));
-        }
-        if total != req.size {
-            return Err(StoreError::Invalid(format!(
-                "size {} does not match the blocks' total {total}",
-                req.size
-            )));
-        }
+        check_blocks(req, &sizes)?;
 
         let current = sqlx::query(
             "SELECT kind, rev, content_hash, executable FROM files WHERE ns = ? AND path = ?",
@@ -1575,29 +1560,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::model_test::Rng;
 
     type Outcomes = Vec<StoreResult<(i64, i64)>>;
-
-    /// xorshift64*: small, deterministic, seedable.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Rng {
-            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn chance(&mut self, percent: usize) -> bool {
-            self.below(100) < percent
-        }
-    }
 
     async fn store(dir: &tempfile::TempDir, name: &str) -> (SqliteStore, i64, Actor) {
         let store = SqliteStore::open(&dir.path().join(name)).await.unwrap();
@@ -2039,53 +2004,5 @@ mod tests {
         let mut want = vec![(actor.user_id, h0, true), (actor.user_id, h1, false)];
         want.sort();
         assert_eq!(uploads, want);
-    }
-
-    /// How long 20,000 one-block files in 1–3 folder levels take to commit, 1,000 per batch,
-    /// one by one and batched. Prints; asserts nothing about time.
-    /// `cargo test --release commit_speed -- --ignored --nocapture`
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore]
-    async fn commit_speed() {
-        const FILES: u64 = 20_000;
-        const BATCH: usize = 1_000;
-        let blocks: Vec<(String, u64)> = (0..FILES)
-            .map(|i| (protocol::block_hash(format!("file {i}").as_bytes()), 100))
-            .collect();
-        let reqs: Vec<CommitRequest> = (0..FILES)
-            .map(|i| {
-                let path = match i % 3 {
-                    0 => format!("d{}/f{i}", i % 10),
-                    1 => format!("d{}/e{}/f{i}", i % 10, i % 7),
-                    _ => format!("d{}/e{}/g{}/f{i}", i % 10, i % 7, i % 5),
-                };
-                request(&path, vec![blocks[i as usize].0.clone()], 100, None)
-            })
-            .collect();
-        for batched in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let (store, ns, actor) = store(&dir, "meta.db").await;
-            let t = std::time::Instant::now();
-            for chunk in blocks.chunks(BATCH) {
-                store.record_blocks(chunk, actor.user_id).await.unwrap();
-            }
-            let recorded = t.elapsed();
-            let t = std::time::Instant::now();
-            for chunk in reqs.chunks(BATCH) {
-                let out = if batched {
-                    store.commit_files(ns, &actor, chunk).await.unwrap()
-                } else {
-                    each(&store, ns, &actor, chunk).await
-                };
-                assert!(out.iter().all(|o| o.is_ok()));
-            }
-            let committed = t.elapsed();
-            let (entries, head) = store.list(ns, "", true).await.unwrap();
-            println!(
-                "{}: record_blocks {recorded:?}, commit {committed:?} ({} entries, head {head})",
-                if batched { "batched" } else { "one by one" },
-                entries.len()
-            );
-        }
     }
 }
