@@ -511,20 +511,21 @@ async fn fetch_blocks<M: MetaStore, B: BlobStore>(
     if let Some(h) = req.hashes.iter().find(|h| !readable.contains(*h)) {
         return Err(ApiError::NotFound(format!("block {h} not found")));
     }
+    // The size limit from the metadata, before any byte is read.
+    let sizes = app.store.block_sizes(&req.hashes).await?;
+    let total: u64 = req.hashes.iter().filter_map(|h| sizes.get(h)).sum();
+    if total > (p::MAX_BATCH_BYTES + p::MAX_BLOCK_SIZE) as u64 {
+        return Err(ApiError::TooLarge(format!(
+            "ask for at most {} bytes of blocks at once",
+            p::MAX_BATCH_BYTES
+        )));
+    }
     // Not verified here: the client verifies every block, and asks for a damaged one again
     // with `GET blocks/{hash}?verify=true`.
     let read = app.blobs.read_many(req.hashes.clone()).await?;
     let mut blocks = Vec::with_capacity(req.hashes.len());
-    let mut total = 0usize;
     for (h, bytes) in req.hashes.iter().zip(read) {
         let bytes = bytes.ok_or_else(|| ApiError::NotFound(format!("block {h} not found")))?;
-        total += bytes.len();
-        if total > p::MAX_BATCH_BYTES + p::MAX_BLOCK_SIZE {
-            return Err(ApiError::TooLarge(format!(
-                "ask for at most {} bytes of blocks at once",
-                p::MAX_BATCH_BYTES
-            )));
-        }
         blocks.push((h.as_str(), bytes));
     }
     let body = p::encode_blocks(blocks.iter().map(|(h, b)| (*h, &b[..])));

@@ -334,3 +334,33 @@ fn a_persistently_failing_block_store_exits_5_and_commits_nothing() {
         .collect();
     assert_eq!(paths, vec!["/first.txt"], "nothing half-committed");
 }
+
+/// `blocks/fetch` refuses more than a batch's worth of bytes, from the metadata, before
+/// reading any; a batch within the limit comes back whole.
+#[tokio::test]
+async fn an_oversized_block_fetch_is_refused() {
+    let server = Server::start();
+    let dev = Client::new();
+    dev.login(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("big.bin"), &Rng::new(5).bytes(40 << 20));
+    dev.init(dir.path());
+    dev.ok(dir.path(), &["push"]);
+    let tok = api_token(&server, "alice").await;
+    let list = api_get(&server, &tok, "files/list?path=&recursive=true").await;
+    let blocks: Vec<String> = serde_json::from_value(list["entries"][0]["blocks"].clone()).unwrap();
+    let fetch = |hashes: &[String]| {
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/blocks/fetch", server.url))
+            .bearer_auth(&tok)
+            .json(&json!({ "hashes": hashes }))
+            .send()
+    };
+    let resp = fetch(&blocks).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large");
+    let resp = fetch(&blocks[..2]).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.unwrap().len() > 2 * (128 << 10));
+}
