@@ -336,7 +336,7 @@ impl Remote {
     }
 
     /// A block's bytes, verified against its id: bytes that do not match are never returned.
-    /// One block, verified. A block that arrives damaged is asked for once more with
+    /// A block that arrives damaged is asked for once more with
     /// `verify=true`, which has the server check it at the source: a transfer glitch heals, a
     /// block damaged on the server's disk is quarantined there and reported.
     pub async fn get_block(&self, hash: &str) -> RemoteResult<Bytes> {

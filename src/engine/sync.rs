@@ -765,8 +765,8 @@ fn upload_jobs(
     jobs
 }
 
-/// Sends blocks, [`UPLOAD_PARALLELISM`] requests at a time. Per block: its file, its id, its
-/// length, and whether it was sent (false: the file changed since it was hashed; not sent).
+/// Sends blocks, [`UPLOAD_PARALLELISM`] requests at a time. Per block: its file, its length,
+/// and whether it was sent (false: the file changed since it was hashed; not sent).
 async fn send_blocks(
     remote: &Remote,
     progress: &Arc<dyn Progress>,
@@ -798,9 +798,9 @@ async fn send_blocks(
                 for (path, hash, bytes) in read {
                     match bytes {
                         // Changed since it was hashed: not sent, not committed.
-                        None => outcome.push((path, hash, 0, false)),
+                        None => outcome.push((path, 0, false)),
                         Some(bytes) => {
-                            outcome.push((path, hash.clone(), bytes.len() as u64, true));
+                            outcome.push((path, bytes.len() as u64, true));
                             send.push((hash, bytes));
                         }
                     }
@@ -821,7 +821,7 @@ async fn send_blocks(
                     // server stored none of it; those files go next time.
                     Err(RemoteError::Refused { code, .. }) if code == "hash_mismatch" => {
                         for o in &mut outcome {
-                            (o.2, o.3) = (0, false);
+                            (o.1, o.2) = (0, false);
                         }
                     }
                     Err(e) => return Err(e.into()),
@@ -836,8 +836,8 @@ async fn send_blocks(
     Ok(results.into_iter().flatten().collect())
 }
 
-/// What became of one block sent: its file, its id, its length, whether it went.
-type BlockSent = (String, String, u64, bool);
+/// What became of one block sent: its file, its length, whether it went.
+type BlockSent = (String, u64, bool);
 
 /// A block to upload: the file's relative and full path, where the block lies, and the stat the
 /// file had when it was hashed (`None`: re-hash the bytes read instead of trusting the stat).
@@ -1194,7 +1194,7 @@ impl Apply<'_> {
             chunk_bytes += size;
             chunk.push(f);
         }
-        if !chunks.is_empty() || !chunk.is_empty() {
+        if !chunk.is_empty() {
             chunks.push(chunk);
         }
         self.progress.start("uploading", total);
@@ -1259,7 +1259,7 @@ impl Apply<'_> {
         // never all exist at once.
         for window in missing.chunks(UPLOAD_WINDOW) {
             let jobs = upload_jobs(root, self.scan, window, &sources);
-            for (path, _, len, sent) in send_blocks(remote, &progress, jobs).await? {
+            for (path, len, sent) in send_blocks(remote, &progress, jobs).await? {
                 if sent {
                     out.blocks_uploaded += 1;
                     out.block_bytes_sent += len;
@@ -1317,8 +1317,7 @@ impl Apply<'_> {
                 "{path} changed while being uploaded; it will go next time"
             ));
         }
-        let results = o.commits;
-        for (path, l, req, r) in results {
+        for (path, l, req, r) in o.commits {
             match r {
                 Ok(resp) => {
                     self.report.files_uploaded += 1;
