@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use crate::engine::config::{Folder, FolderConfig};
+use crate::engine::index::Index;
 use crate::engine::planner::Direction;
 use crate::engine::remote::Remote;
 use crate::engine::sync::{self, SyncOptions};
@@ -283,10 +284,14 @@ async fn run_seed(seed: u64) -> Result<(), String> {
             let res = sync::run(&w.folders[r], &w.remote, &opts, progress.clone()).await;
             log.push(format!(
                 "replica {r}: sync -> {:?}",
-                res.as_ref().map(|_| "ok")
+                res.as_ref().map(|r| if r.settled { "settled" } else { "ok" })
             ));
-            if let Err(e) = res {
-                return Err(format!("sync failed: {e}\n{}", log.join("\n")));
+            match res {
+                Err(e) => return Err(format!("sync failed: {e}\n{}", log.join("\n"))),
+                Ok(report) if report.settled => {
+                    full_run_agrees(&w.folders[r], &w.remote, &opts, &log).await?
+                }
+                Ok(_) => {}
             }
         } else {
             log.push(format!("replica {r}: {}", mutate(&mut rng, &root)));
@@ -298,8 +303,14 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         let before: Vec<_> = w.folders.iter().map(|f| tree_of(&f.root)).collect();
         for (r, f) in w.folders.iter().enumerate() {
             at_sync_points.extend(hashes_of(&f.root));
-            if let Err(e) = sync::run(f, &w.remote, &opts, progress.clone()).await {
-                return Err(format!("quiesce sync {r} failed: {e}\n{}", log.join("\n")));
+            match sync::run(f, &w.remote, &opts, progress.clone()).await {
+                Err(e) => {
+                    return Err(format!("quiesce sync {r} failed: {e}\n{}", log.join("\n")))
+                }
+                Ok(report) if report.settled => {
+                    full_run_agrees(f, &w.remote, &opts, &log).await?
+                }
+                Ok(_) => {}
             }
             log.push(format!("round {round}: replica {r} synced"));
         }
@@ -344,6 +355,42 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     if server_tree != trees[0] {
         return fail(&format!("server differs from replicas: {server_tree:?}"));
     }
+    // Each replica's stored remote tree is the server's tree at its stored cursor (all at
+    // the head now), every field alike; and a quiet round left each one settled.
+    let head = w
+        .remote
+        .journal(i64::MAX, 1)
+        .await
+        .map_err(|e| e.to_string())?
+        .cursor;
+    let listed: BTreeMap<String, crate::protocol::Entry> = listing
+        .entries
+        .iter()
+        .map(|e| (e.path.clone(), e.clone()))
+        .collect();
+    for (r, f) in w.folders.iter().enumerate() {
+        let index = Index::open(&f.index_path(), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cursor = index.cursor(0).await.map_err(|e| e.to_string())?;
+        let stored = index.load_remote(0).await.map_err(|e| e.to_string())?;
+        let settled = index
+            .is_settled("sync", "")
+            .await
+            .map_err(|e| e.to_string())?;
+        index.close().await;
+        if cursor.as_ref().map(|c| c.0) != Some(head) {
+            return fail(&format!("replica {r}: cursor {cursor:?}, head {head}"));
+        }
+        if stored != listed {
+            return fail(&format!(
+                "replica {r}: stored remote tree differs from the server's:\n{stored:?}\n{listed:?}"
+            ));
+        }
+        if !settled {
+            return fail(&format!("replica {r}: not settled after a quiet round"));
+        }
+    }
     // Nothing lost: every content seen at a sync point is live or in the journal.
     let journal = w
         .remote
@@ -372,6 +419,42 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     if let Some(tx) = w.shutdown.take() {
         let _ = tx.send(());
     }
+    Ok(())
+}
+
+/// A run that stopped early must be right: the full run, on the same state, plans nothing.
+async fn full_run_agrees(
+    folder: &Folder,
+    remote: &Remote,
+    opts: &SyncOptions,
+    log: &[String],
+) -> Result<(), String> {
+    let index = Index::open(&folder.index_path(), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    index.unsettle().await.map_err(|e| e.to_string())?;
+    index.close().await;
+    let dry = SyncOptions {
+        dry_run: true,
+        ..opts.clone()
+    };
+    let progress: Arc<dyn crate::engine::Progress> = Arc::new(NoProgress);
+    let report = sync::run(folder, remote, &dry, progress)
+        .await
+        .map_err(|e| e.to_string())?;
+    if report.settled || !report.plan.is_empty() || !report.conflicts.is_empty() {
+        return Err(format!(
+            "a run stopped early, but the full run plans {:?}\n{}",
+            report.plan,
+            log.join("\n")
+        ));
+    }
+    // As the run that stopped early left it.
+    let index = Index::open(&folder.index_path(), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    index.settle("sync", "").await.map_err(|e| e.to_string())?;
+    index.close().await;
     Ok(())
 }
 

@@ -217,6 +217,30 @@ pub struct CommitResult {
     pub cursor: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+    /// Whether the commit wrote a new version (journal row `rev`); false when the server
+    /// already had exactly this content.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub written: bool,
+    /// Folders the commit created on the way, top-down: journal rows `rev - dirs.len()` to
+    /// `rev - 1`, right before the file's. With `written`, a client knows every row its
+    /// commits added, so it need not read them back from the journal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<String>,
+}
+
+/// What a file commit did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The file's revision: the new one, or the existing one when the server already had
+    /// exactly this content (then `written` is false and nothing was written).
+    pub rev: i64,
+    /// The journal head after the commit.
+    pub cursor: i64,
+    /// Whether the commit wrote a new version (journal row `rev`).
+    pub written: bool,
+    /// Folders the commit created on the way, top-down: journal rows `rev - dirs.len()` to
+    /// `rev - 1`, one each, right before the file's.
+    pub dirs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -5,12 +5,13 @@
 //! between a rename and the index write): that is safe, because a local file whose content
 //! equals the remote one is recorded, never re-transferred nor treated as a conflict.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use sqlx::{Row, SqlitePool};
 
 use super::chunker::Fingerprint;
+use super::scanner::LocalEntry;
 use crate::protocol::{Entry, EntryKind};
 
 const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
@@ -28,6 +29,11 @@ const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
         3,
         "fingerprints",
         include_str!("../../migrations/client/0003_fingerprints.sql"),
+    ),
+    (
+        4,
+        "settled",
+        include_str!("../../migrations/client/0004_settled.sql"),
     ),
 ];
 
@@ -75,6 +81,12 @@ const LOAD_PAGE: i64 = 10_000;
 fn parse_kind(kind: &str) -> Result<EntryKind, sqlx::Error> {
     EntryKind::parse(kind)
         .ok_or_else(|| sqlx::Error::Decode(format!("bad kind {kind:?} in the index").into()))
+}
+
+/// Forgets every settled direction: the index or the stored remote tree is about to change.
+async fn unsettle(tx: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM settled").execute(&mut *tx).await?;
+    Ok(())
 }
 
 fn json_error(e: serde_json::Error) -> sqlx::Error {
@@ -207,6 +219,7 @@ impl Index {
     pub async fn apply(&self, ops: &[IndexOp]) -> Result<(), sqlx::Error> {
         for batch in ops.chunks(WRITE_BATCH) {
             let mut tx = self.pool.begin().await?;
+            unsettle(&mut tx).await?;
             for run in batch
                 .chunk_by(|a, b| matches!(a, IndexOp::Put(..)) == matches!(b, IndexOp::Put(..)))
             {
@@ -308,6 +321,7 @@ impl Index {
         epoch: &str,
     ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        unsettle(&mut tx).await?;
         // Runs of consecutive puts (or removes) in one statement each, in order.
         for run in ops.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
             match &run[0] {
@@ -376,16 +390,69 @@ impl Index {
 
     /// Forgets every entry (the server's metadata was replaced: its revisions mean nothing now).
     pub async fn clear(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM entries")
-            .execute(&self.pool)
-            .await?;
-        sqlx::query("DELETE FROM remote_entries")
-            .execute(&self.pool)
-            .await?;
-        sqlx::query("DELETE FROM cursors")
+        let mut tx = self.pool.begin().await?;
+        unsettle(&mut tx).await?;
+        for table in ["entries", "remote_entries", "cursors"] {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Records that a run in `direction` with the folder's remote root `remote_root` would
+    /// plan nothing, given the index and the stored remote tree as they are now (the caller
+    /// checked it). Any later write to either deletes the record.
+    pub async fn settle(&self, direction: &str, remote_root: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR REPLACE INTO settled (direction, remote_root) VALUES (?, ?)")
+            .bind(direction)
+            .bind(remote_root)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Forgets every settled direction (tests use it to check what a full run would do).
+    #[cfg(test)]
+    pub async fn unsettle(&self) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        unsettle(&mut conn).await
+    }
+
+    /// Whether a run in `direction` with this remote root is settled (see [`Index::settle`]).
+    pub async fn is_settled(&self, direction: &str, remote_root: &str) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM settled WHERE direction = ? AND remote_root = ?",
+        )
+        .bind(direction)
+        .bind(remote_root)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    /// The stat of every entry (no content hashes or block lists: a fraction of [`Index::load`]).
+    pub async fn load_stats(&self) -> Result<HashMap<String, LocalEntry>, sqlx::Error> {
+        type Row = (String, String, i64, i64, i64, i64);
+        let rows: Vec<Row> = self
+            .load_pages(
+                "json_array(path, kind, size, mtime_ns, inode, executable)",
+                "entries",
+                None,
+            )
+            .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (path, kind, size, mtime_ns, inode, executable) in rows {
+            let stat = LocalEntry {
+                kind: parse_kind(&kind)?,
+                size: size as u64,
+                mtime_ns,
+                inode: inode as u64,
+                executable: executable != 0,
+            };
+            out.insert(path, stat);
+        }
+        Ok(out)
     }
 
     pub async fn close(self) {

@@ -309,7 +309,7 @@ impl Remote {
     pub async fn commit_batch(
         &self,
         commits: Vec<CommitRequest>,
-    ) -> RemoteResult<Vec<RemoteResult<CommitResponse>>> {
+    ) -> RemoteResult<Vec<RemoteResult<p::Committed>>> {
         let req = p::CommitBatchRequest { commits };
         let resp: p::CommitBatchResponse =
             retrying("commit", || self.post(r::FILES_COMMIT_BATCH, &req)).await?;
@@ -317,7 +317,12 @@ impl Remote {
             .results
             .into_iter()
             .map(|r| match (r.rev, r.cursor, r.error) {
-                (Some(rev), Some(cursor), None) => Ok(CommitResponse { rev, cursor }),
+                (Some(rev), Some(cursor), None) => Ok(p::Committed {
+                    rev,
+                    cursor,
+                    written: r.written,
+                    dirs: r.dirs,
+                }),
                 (_, _, Some(e)) if e.code == "conflict" => Err(RemoteError::Conflict {
                     message: e.message,
                     current_rev: e.current_rev,

@@ -84,6 +84,9 @@ pub struct Report {
     /// Something changed while this run worked; another pass will settle it.
     #[serde(skip)]
     pub retry: bool,
+    /// The run stopped early: nothing changed since a run that left nothing to do.
+    #[serde(skip)]
+    pub settled: bool,
 }
 
 impl Report {
@@ -168,6 +171,7 @@ fn planned(a: &Action) -> PlannedAction {
     }
 }
 
+#[derive(Clone, Debug)]
 pub struct SyncOptions {
     pub direction: Direction,
     pub dry_run: bool,
@@ -261,6 +265,20 @@ fn relative_to(root: &str, path: &str) -> Option<String> {
     path.strip_prefix(root)?
         .strip_prefix('/')
         .map(str::to_string)
+}
+
+/// A folder as the remote tree holds it (and as a journal row makes it).
+fn dir_entry(path: String, rev: i64) -> protocol::Entry {
+    protocol::Entry {
+        path,
+        kind: EntryKind::Dir,
+        rev,
+        size: 0,
+        content_hash: None,
+        mtime: 0,
+        executable: false,
+        blocks: Vec::new(),
+    }
 }
 
 /// Folds one journal row into the remote tree (and the ops that persist it).
@@ -412,16 +430,29 @@ pub async fn run(
     let t0 = std::time::Instant::now();
     // The scan runs on its own thread while the index and the server's changes are read.
     let root = folder.root.clone();
-    let scanning = tokio::task::spawn_blocking(move || scanner::scan(&root));
+    let scanning = Scanning::Running(tokio::task::spawn_blocking(move || scanner::scan(&root)));
     let index = Index::open(&folder.index_path(), true).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "index opened");
-    let (remote_tree, remote_ops, cursor, replaced) =
+    let direction = direction_name(opts.direction);
+    let mut scanning = Some(scanning);
+    if index.is_settled(direction, &remote_root).await? {
+        let scan = scanning.take().expect("not taken yet");
+        match settled_run(&index, remote, &info.epoch, &folder.root, scan, opts).await? {
+            Settled::NothingToDo(report) => {
+                tracing::debug!(elapsed = ?t0.elapsed(), "settled: nothing changed since the last run");
+                index.close().await;
+                return Ok(report);
+            }
+            Settled::Changed(scan) => scanning = Some(scan),
+        }
+    }
+    let (mut remote_tree, remote_ops, cursor, replaced) =
         fetch_remote(&index, remote, &remote_root, &info.epoch).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "remote tree loaded");
     // The server's metadata is not the one this folder synced with (restored from a backup,
     // or rebuilt): its revisions mean nothing, so sync as if for the first time. Nothing is
     // deleted on either side then; what the server lacks is uploaded again.
-    let synced = if replaced {
+    let mut synced = if replaced {
         SyncedTree::new()
     } else {
         index.load().await?
@@ -429,9 +460,9 @@ pub async fn run(
     tracing::debug!(elapsed = ?t0.elapsed(), "index loaded");
 
     let scan = scanning
-        .await
-        .map_err(|e| io_at(&folder.root)(std::io::Error::other(e)))?
-        .map_err(io_at(&folder.root))?;
+        .expect("a scan")
+        .finish(&folder.root)
+        .await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "scanned");
 
     // A file that vanished from the index's view and reappeared elsewhere with the same inode,
@@ -466,11 +497,7 @@ pub async fn run(
         .map(|(p, l)| (p.clone(), l.size, known_blocks(synced.get(p))))
         .collect();
     let mut report = Report {
-        direction: match opts.direction {
-            Direction::Push => "push",
-            Direction::Pull => "pull",
-            Direction::Both => "sync",
-        },
+        direction,
         dry_run: opts.dry_run,
         warnings: scan.warnings.clone(),
         ..Report::default()
@@ -613,6 +640,7 @@ pub async fn run(
         renamed_away: HashSet::new(),
         ops: Vec::new(),
         remote_ops: Vec::new(),
+        own_rows: Vec::new(),
         report,
         progress: progress.clone(),
     };
@@ -641,17 +669,172 @@ pub async fn run(
     }
     let result = ctx.apply(&plan.actions).await;
     tracing::debug!(elapsed = ?t0.elapsed(), "applied");
+    let Apply {
+        ops,
+        remote_ops,
+        own_rows,
+        report,
+        ..
+    } = ctx;
     // Whatever happened, record what was done, so a re-run does not redo it.
-    index.apply(&ctx.ops).await?;
-    // What this run committed goes into the stored remote tree now (the cursor stays: the
-    // journal delivers these rows again, and they then cost no write).
+    index.apply(&ops).await?;
+    // What this run committed goes into the stored remote tree now. The cursor moves over the
+    // journal rows right after it that this run wrote and knows (its commits); any other row
+    // is read next time (rows of this run among them cost no write then).
+    let cursor = cursor_over(cursor, own_rows);
     index
-        .save_remote(ROOT_NS, &ctx.remote_ops, cursor, &info.epoch)
+        .save_remote(ROOT_NS, &remote_ops, cursor, &info.epoch)
         .await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "index written");
+    if result.is_ok() && report.conflicts.is_empty() && !report.retry && !unsettled {
+        // The state this run leaves, as the next run would load it: if that run would have
+        // nothing to do, say so in the index, so it can stop early (see `settled_run`).
+        apply_ops(&mut synced, ops);
+        for op in remote_ops {
+            match op {
+                RemoteOp::Clear => remote_tree.clear(),
+                RemoteOp::Put(p, e) => {
+                    remote_tree.insert(p, e);
+                }
+                RemoteOp::Remove(p) => {
+                    remote_tree.remove(&p);
+                }
+            }
+        }
+        let unchanged_local = synced
+            .iter()
+            .map(|(p, s)| {
+                let l = LocalState {
+                    kind: s.kind,
+                    content_hash: s.content_hash.clone(),
+                    executable: s.executable,
+                };
+                (p.clone(), l)
+            })
+            .collect();
+        let next = planner::plan(
+            &unchanged_local,
+            &synced,
+            &remote_tree,
+            opts.direction,
+            &planner::Options::default(),
+        );
+        if next.actions.is_empty() {
+            index.settle(direction, &remote_root).await?;
+        }
+        tracing::debug!(elapsed = ?t0.elapsed(), settled = next.actions.is_empty(), "checked the next run");
+    }
     index.close().await;
     result?;
-    Ok(ctx.report)
+    Ok(report)
+}
+
+/// The name of a direction, in reports and in the index's `settled` table.
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Push => "push",
+        Direction::Pull => "pull",
+        Direction::Both => "sync",
+    }
+}
+
+/// How far the stored cursor may move: over the rows right after it that this run wrote.
+fn cursor_over(mut cursor: i64, mut own_rows: Vec<i64>) -> i64 {
+    own_rows.sort_unstable();
+    for id in own_rows {
+        if id == cursor + 1 {
+            cursor = id;
+        } else if id > cursor + 1 {
+            break;
+        }
+    }
+    cursor
+}
+
+/// Applies index ops to an in-memory tree, as `Index::apply` does to the stored one.
+fn apply_ops(tree: &mut SyncedTree, ops: Vec<IndexOp>) {
+    for op in ops {
+        match op {
+            IndexOp::Put(p, e) => {
+                tree.insert(p, e);
+            }
+            IndexOp::Remove(p) => {
+                tree.remove(&p);
+            }
+        }
+    }
+}
+
+/// The local scan: still running on its own thread, or done.
+enum Scanning {
+    Running(tokio::task::JoinHandle<std::io::Result<Scan>>),
+    Done(Scan),
+}
+
+impl Scanning {
+    async fn finish(self, root: &Path) -> Result<Scan, EngineError> {
+        match self {
+            Scanning::Done(scan) => Ok(scan),
+            Scanning::Running(task) => task
+                .await
+                .map_err(|e| io_at(root)(std::io::Error::other(e)))?
+                .map_err(io_at(root)),
+        }
+    }
+}
+
+/// What a settled folder's run found.
+enum Settled {
+    /// No local change and no journal row past the stored cursor: nothing to do.
+    NothingToDo(Report),
+    /// Something changed: the full run goes on with this scan.
+    Changed(Scanning),
+}
+
+/// The early stop of a run in a direction the last run left settled (see `Index::settle`):
+/// if no journal row came after the stored cursor and every local file and folder is as the
+/// index records it (the same paths, and for files the same stat, as a full run would check
+/// before trusting the index), the full run would load the same three trees the last run
+/// checked and plan nothing. Costs a journal request, the index's stats and the scan.
+async fn settled_run(
+    index: &Index,
+    remote: &Remote,
+    epoch: &str,
+    root: &Path,
+    scanning: Scanning,
+    opts: &SyncOptions,
+) -> Result<Settled, EngineError> {
+    let Some((cursor, stored_epoch)) = index.cursor(ROOT_NS).await? else {
+        return Ok(Settled::Changed(scanning));
+    };
+    if stored_epoch != epoch {
+        return Ok(Settled::Changed(scanning));
+    }
+    let page = remote.journal(cursor, 1).await?;
+    if !page.entries.is_empty() || page.cursor != cursor {
+        return Ok(Settled::Changed(scanning));
+    }
+    let stats = index.load_stats().await?;
+    let scan = scanning.finish(root).await?;
+    let same = !scan.incomplete
+        && scan.stale_temps.is_empty()
+        && scan.tree.len() == stats.len()
+        && scan.tree.iter().all(|(p, l)| {
+            stats.get(p).is_some_and(|s| match l.kind {
+                EntryKind::Dir => s.kind == EntryKind::Dir,
+                EntryKind::File => s == l,
+            })
+        });
+    if !same {
+        return Ok(Settled::Changed(Scanning::Done(scan)));
+    }
+    Ok(Settled::NothingToDo(Report {
+        direction: direction_name(opts.direction),
+        dry_run: opts.dry_run,
+        warnings: scan.warnings,
+        settled: true,
+        ..Report::default()
+    }))
 }
 
 async fn hash_files(
@@ -712,6 +895,9 @@ struct Apply<'a> {
     ops: Vec<IndexOp>,
     /// Entries this run committed, as the journal will report them.
     remote_ops: Vec<RemoteOp>,
+    /// Ids of the journal rows this run wrote whose effect is in `remote_ops` (folders made
+    /// and files written by commits): the stored cursor may move over them.
+    own_rows: Vec<i64>,
     report: Report,
     progress: Arc<dyn Progress>,
 }
@@ -728,7 +914,7 @@ struct ChunkUploaded {
         String,
         LocalEntry,
         CommitRequest,
-        Result<protocol::CommitResponse, RemoteError>,
+        Result<protocol::Committed, RemoteError>,
     )>,
 }
 
@@ -916,16 +1102,7 @@ impl Apply<'_> {
     }
 
     fn record_dir(&mut self, path: &str, rev: i64) {
-        let entry = protocol::Entry {
-            path: path.to_string(),
-            kind: EntryKind::Dir,
-            rev,
-            size: 0,
-            content_hash: None,
-            mtime: 0,
-            executable: false,
-            blocks: Vec::new(),
-        };
+        let entry = dir_entry(path.to_string(), rev);
         self.record(path, &entry, (Vec::new(), Vec::new()));
     }
 
@@ -1328,19 +1505,35 @@ impl Apply<'_> {
                         .get(&path)
                         .map(|d| (lens_of(d), fps_of(d)))
                         .unwrap_or_default();
-                    self.remote_ops.push(RemoteOp::Put(
-                        path.clone(),
-                        protocol::Entry {
-                            path: path.clone(),
-                            kind: EntryKind::File,
-                            rev: resp.rev,
-                            size: req.size,
-                            content_hash: Some(req.content_hash.clone()),
-                            mtime: req.mtime,
-                            executable: req.executable,
-                            blocks: req.blocks.clone(),
-                        },
-                    ));
+                    let entry = protocol::Entry {
+                        path: path.clone(),
+                        kind: EntryKind::File,
+                        rev: resp.rev,
+                        size: req.size,
+                        content_hash: Some(req.content_hash.clone()),
+                        mtime: req.mtime,
+                        executable: req.executable,
+                        blocks: req.blocks.clone(),
+                    };
+                    if resp.written {
+                        // The rows this commit wrote, as the journal holds them: the folders
+                        // it made (top-down, right before the file's row), then the file.
+                        let first = resp.rev - resp.dirs.len() as i64;
+                        for (id, dir) in (first..).zip(&resp.dirs) {
+                            if let Some(rel) = relative_to(self.remote_root, dir) {
+                                self.remote_ops
+                                    .push(RemoteOp::Put(rel.clone(), dir_entry(rel, id)));
+                            }
+                        }
+                        self.own_rows.extend(first..=resp.rev);
+                        self.remote_ops.push(RemoteOp::Put(path.clone(), entry));
+                    } else if self.remote_tree.get(&path).is_none_or(|r| {
+                        r.rev != resp.rev || r.content_hash != entry.content_hash
+                    }) {
+                        // The server had this content already, in a row this run has not
+                        // read (its mtime may differ; the journal corrects it).
+                        self.remote_ops.push(RemoteOp::Put(path.clone(), entry));
+                    }
                     self.ops.push(IndexOp::Put(
                         path.clone(),
                         SyncedEntry {

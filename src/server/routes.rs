@@ -560,18 +560,22 @@ async fn commit_batch<M: MetaStore, B: BlobStore>(
     let results = outcomes
         .into_iter()
         .map(|o| match o {
-            Ok((rev, cursor)) => {
-                head = head.max(Some(cursor));
+            Ok(c) => {
+                head = head.max(Some(c.cursor));
                 p::CommitResult {
-                    rev: Some(rev),
-                    cursor: Some(cursor),
+                    rev: Some(c.rev),
+                    cursor: Some(c.cursor),
                     error: None,
+                    written: c.written,
+                    dirs: c.dirs,
                 }
             }
             Err(e) => p::CommitResult {
                 rev: None,
                 cursor: None,
                 error: Some(ApiError::from(e).info()),
+                written: false,
+                dirs: Vec::new(),
             },
         })
         .collect();

@@ -13,7 +13,7 @@ pub mod sqlite;
 use std::collections::HashSet;
 use std::future::Future;
 
-use crate::protocol::{CommitRequest, Entry, JournalEntry};
+use crate::protocol::{CommitRequest, Committed, Entry, JournalEntry};
 
 pub use sqlite::SqliteStore;
 
@@ -140,7 +140,7 @@ pub trait MetaStore: Send + Sync + 'static {
         ns: i64,
         actor: &Actor,
         reqs: &[CommitRequest],
-    ) -> impl Future<Output = StoreResult<Vec<StoreResult<(i64, i64)>>>> + Send;
+    ) -> impl Future<Output = StoreResult<Vec<StoreResult<Committed>>>> + Send;
     /// Creates a folder (and any missing ancestors). Idempotent.
     fn mkdir(
         &self,

@@ -10,7 +10,7 @@ use std::path::Path;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::{Actor, MetaStore, StoreError, StoreResult, User};
+use super::{Actor, Committed, MetaStore, StoreError, StoreResult, User};
 use crate::protocol::{
     self, CommitRequest, Entry, EntryKind, JournalEntry, JournalOp, MAX_MISSING_BATCH,
 };
@@ -335,7 +335,8 @@ impl SqliteStore {
         ns: i64,
         actor: &Actor,
         path: &str,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Vec<String>> {
+        let mut made = Vec::new();
         let mut ancestors = Vec::new();
         let mut p = protocol::parent_path(path);
         while !p.is_empty() {
@@ -350,10 +351,13 @@ impl SqliteStore {
                         "/{dir} is a file, so /{path} cannot be created below it"
                     )))
                 }
-                None => Self::insert_dir(tx, ns, actor, dir).await?,
+                None => {
+                    Self::insert_dir(tx, ns, actor, dir).await?;
+                    made.push(dir.to_string());
+                }
             }
         }
-        Ok(())
+        Ok(made)
     }
 
     async fn insert_dir(
@@ -391,7 +395,7 @@ impl SqliteStore {
         actor: &Actor,
         req: &CommitRequest,
         op: Option<JournalOp>,
-    ) -> StoreResult<(i64, i64)> {
+    ) -> StoreResult<Committed> {
         let path = req.path.as_str();
         if path.is_empty() {
             return Err(StoreError::Invalid(
@@ -442,7 +446,12 @@ impl SqliteStore {
                 == Some(req.content_hash.as_str());
             let same_exec = (row.try_get::<i64, _>("executable")? != 0) == req.executable;
             if same_hash && same_exec {
-                return Ok((rev, head));
+                return Ok(Committed {
+                    rev,
+                    cursor: head,
+                    written: false,
+                    dirs: Vec::new(),
+                });
             }
         }
         if op.is_none() && req.parent_rev != current_rev {
@@ -455,7 +464,7 @@ impl SqliteStore {
                 current_rev,
             });
         }
-        Self::ensure_ancestors(tx, ns, actor, path).await?;
+        let dirs = Self::ensure_ancestors(tx, ns, actor, path).await?;
 
         let blocks = join_blocks(&req.blocks);
         let change = Change {
@@ -505,7 +514,12 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        Ok((rev, rev))
+        Ok(Committed {
+            rev,
+            cursor: rev,
+            written: true,
+            dirs,
+        })
     }
 
     /// `commit_files` one request at a time, each in a savepoint: correct for any batch, but
@@ -515,7 +529,7 @@ impl SqliteStore {
         ns: i64,
         actor: &Actor,
         reqs: &[CommitRequest],
-    ) -> StoreResult<Vec<StoreResult<(i64, i64)>>> {
+    ) -> StoreResult<Vec<StoreResult<Committed>>> {
         let mut out = Vec::with_capacity(reqs.len());
         for req in reqs {
             // A savepoint per file: a refused commit rolls back alone.
@@ -552,7 +566,7 @@ impl SqliteStore {
         ns: i64,
         actor: &Actor,
         reqs: &[CommitRequest],
-    ) -> StoreResult<Option<Vec<StoreResult<(i64, i64)>>>> {
+    ) -> StoreResult<Option<Vec<StoreResult<Committed>>>> {
         if reqs
             .iter()
             .any(|r| r.path.contains('\0') || r.blocks.iter().any(|b| b.contains('\0')))
@@ -670,7 +684,12 @@ impl SqliteStore {
                 if c.content_hash.as_deref() == Some(req.content_hash.as_str())
                     && c.executable == req.executable
                 {
-                    out.push(Ok((c.rev, head)));
+                    out.push(Ok(Committed {
+                        rev: c.rev,
+                        cursor: head,
+                        written: false,
+                        dirs: Vec::new(),
+                    }));
                     continue;
                 }
             }
@@ -709,6 +728,7 @@ impl SqliteStore {
                 ))));
                 continue;
             }
+            let dirs = new_dirs.iter().map(|d| d.to_string()).collect();
             for dir in new_dirs {
                 head += 1;
                 made.insert(dir);
@@ -741,7 +761,12 @@ impl SqliteStore {
                 executable: req.executable as i64,
             });
             referenced.extend(req.blocks.iter().map(String::as_str));
-            out.push(Ok((head, head)));
+            out.push(Ok(Committed {
+                rev: head,
+                cursor: head,
+                written: true,
+                dirs,
+            }));
         }
 
         Self::write_batch(tx, ns, actor, &rows, head, &referenced).await?;
@@ -829,9 +854,9 @@ impl SqliteStore {
         op: Option<JournalOp>,
     ) -> StoreResult<(i64, i64)> {
         let mut tx = self.pool.begin().await?;
-        let r = Self::write_file_in(&mut tx, ns, actor, req, op).await?;
+        let c = Self::write_file_in(&mut tx, ns, actor, req, op).await?;
         tx.commit().await?;
-        Ok(r)
+        Ok((c.rev, c.cursor))
     }
 }
 
@@ -1085,7 +1110,7 @@ impl MetaStore for SqliteStore {
         ns: i64,
         actor: &Actor,
         reqs: &[CommitRequest],
-    ) -> StoreResult<Vec<StoreResult<(i64, i64)>>> {
+    ) -> StoreResult<Vec<StoreResult<Committed>>> {
         // One transaction either way: the batch is durable (or refused for a database error)
         // as a whole.
         let mut tx = self.pool.begin().await?;
@@ -1562,7 +1587,7 @@ mod tests {
     use super::*;
     use crate::model_test::Rng;
 
-    type Outcomes = Vec<StoreResult<(i64, i64)>>;
+    type Outcomes = Vec<StoreResult<Committed>>;
 
     async fn store(dir: &tempfile::TempDir, name: &str) -> (SqliteStore, i64, Actor) {
         let store = SqliteStore::open(&dir.path().join(name)).await.unwrap();
@@ -1806,9 +1831,10 @@ mod tests {
     }
 
     /// Which kind of outcome, so the test can check it saw every kind.
-    fn outcome_kind(o: &StoreResult<(i64, i64)>) -> &'static str {
+    fn outcome_kind(o: &StoreResult<Committed>) -> &'static str {
         match o {
-            Ok((rev, cursor)) if rev == cursor => "new version",
+            Ok(c) if c.written && c.dirs.is_empty() => "new version",
+            Ok(c) if c.written => "new version and folders",
             Ok(_) => "already there",
             Err(StoreError::Conflict { .. }) => "conflict",
             Err(StoreError::PathConflict(m)) if m.contains("is a folder") => "folder there",
@@ -1850,6 +1876,23 @@ mod tests {
                         reqs[i]
                     );
                     *seen.entry(outcome_kind(w)).or_default() += 1;
+                    // The rows a commit reports as its own are in the journal as it says:
+                    // its folders top-down, then the file (clients rely on it; see
+                    // `Committed`).
+                    if let Some(c) = g.as_ref().ok().filter(|c| c.written) {
+                        let n = c.dirs.len() as i64;
+                        let (rows, _, _) = batched.journal(ns, c.rev - n - 1, 100).await.unwrap();
+                        let mine: Vec<(i64, &str)> = rows
+                            .iter()
+                            .take(c.dirs.len() + 1)
+                            .map(|r| (r.id, r.path.as_str()))
+                            .collect();
+                        let mut want: Vec<(i64, &str)> = (c.rev - n..)
+                            .zip(c.dirs.iter().map(String::as_str))
+                            .collect();
+                        want.push((c.rev, reqs[i].path.as_str()));
+                        assert_eq!(mine, want, "seed {seed} step {step} request {i}");
+                    }
                 }
                 assert_eq!(
                     snapshot(&batched).await,
@@ -1860,6 +1903,7 @@ mod tests {
         }
         for kind in [
             "new version",
+            "new version and folders",
             "already there",
             "conflict",
             "folder there",
