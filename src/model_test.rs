@@ -284,7 +284,8 @@ async fn run_seed(seed: u64) -> Result<(), String> {
             let res = sync::run(&w.folders[r], &w.remote, &opts, progress.clone()).await;
             log.push(format!(
                 "replica {r}: sync -> {:?}",
-                res.as_ref().map(|r| if r.settled { "settled" } else { "ok" })
+                res.as_ref()
+                    .map(|r| if r.settled { "settled" } else { "ok" })
             ));
             match res {
                 Err(e) => return Err(format!("sync failed: {e}\n{}", log.join("\n"))),
@@ -304,12 +305,8 @@ async fn run_seed(seed: u64) -> Result<(), String> {
         for (r, f) in w.folders.iter().enumerate() {
             at_sync_points.extend(hashes_of(&f.root));
             match sync::run(f, &w.remote, &opts, progress.clone()).await {
-                Err(e) => {
-                    return Err(format!("quiesce sync {r} failed: {e}\n{}", log.join("\n")))
-                }
-                Ok(report) if report.settled => {
-                    full_run_agrees(f, &w.remote, &opts, &log).await?
-                }
+                Err(e) => return Err(format!("quiesce sync {r} failed: {e}\n{}", log.join("\n"))),
+                Ok(report) if report.settled => full_run_agrees(f, &w.remote, &opts, &log).await?,
                 Ok(_) => {}
             }
             log.push(format!("round {round}: replica {r} synced"));

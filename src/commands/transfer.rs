@@ -84,6 +84,9 @@ fn print_report(report: &Report, printer: Printer, direction: Direction) {
             printer.line("Up to date.");
         }
     } else {
+        if report.settled {
+            printer.detail("nothing changed since the last run (no journal entry, no file's stat)");
+        }
         for a in &report.plan {
             printer.detail(describe(a));
         }

@@ -420,7 +420,11 @@ impl Index {
     }
 
     /// Whether a run in `direction` with this remote root is settled (see [`Index::settle`]).
-    pub async fn is_settled(&self, direction: &str, remote_root: &str) -> Result<bool, sqlx::Error> {
+    pub async fn is_settled(
+        &self,
+        direction: &str,
+        remote_root: &str,
+    ) -> Result<bool, sqlx::Error> {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM settled WHERE direction = ? AND remote_root = ?",
         )

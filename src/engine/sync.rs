@@ -459,10 +459,7 @@ pub async fn run(
     };
     tracing::debug!(elapsed = ?t0.elapsed(), "index loaded");
 
-    let scan = scanning
-        .expect("a scan")
-        .finish(&folder.root)
-        .await?;
+    let scan = scanning.expect("a scan").finish(&folder.root).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "scanned");
 
     // A file that vanished from the index's view and reappeared elsewhere with the same inode,
@@ -1527,9 +1524,11 @@ impl Apply<'_> {
                         }
                         self.own_rows.extend(first..=resp.rev);
                         self.remote_ops.push(RemoteOp::Put(path.clone(), entry));
-                    } else if self.remote_tree.get(&path).is_none_or(|r| {
-                        r.rev != resp.rev || r.content_hash != entry.content_hash
-                    }) {
+                    } else if self
+                        .remote_tree
+                        .get(&path)
+                        .is_none_or(|r| r.rev != resp.rev || r.content_hash != entry.content_hash)
+                    {
                         // The server had this content already, in a row this run has not
                         // read (its mtime may differ; the journal corrects it).
                         self.remote_ops.push(RemoteOp::Put(path.clone(), entry));

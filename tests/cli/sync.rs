@@ -702,3 +702,103 @@ fn status_lists_pending_changes() {
         String::from_utf8_lossy(&text.stdout)
     );
 }
+
+/// Runs `dbx --json sync` on device A with debug logs; returns the report and whether the
+/// run stopped early (nothing changed since a run that left nothing to do).
+fn sync_a_logged(p: &Pair) -> (Value, bool) {
+    let out = p
+        .dev_a
+        .cmd(&p.a)
+        .args(["--json", "sync"])
+        .env("RUST_LOG", "dbx=debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let settled = stderr(&out).contains("settled: nothing changed since the last run");
+    (parse_json(&out), settled)
+}
+
+/// Sets the mtime of every file below `root` a minute back: a file modified within the last
+/// two seconds is read again by every run (it could change again unnoticed), so it is never
+/// settled.
+fn age_files(root: &Path) {
+    let past = SystemTime::now() - Duration::from_secs(60);
+    for e in walk(root) {
+        if e.is_file() {
+            let f = std::fs::File::options().write(true).open(&e).unwrap();
+            f.set_modified(past).unwrap();
+        }
+    }
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            if !path.ends_with(".dbx") {
+                out.extend(walk(&path));
+            }
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn an_unchanged_folder_stops_early_and_any_change_is_still_seen() {
+    let p = Pair::new();
+    write_file(&p.a.join("docs/deep/one.txt"), b"one\n");
+    write_file(&p.a.join("docs/two.txt"), b"two\n");
+    write_file(&p.a.join("top.txt"), b"top\n");
+    age_files(&p.a);
+    let (first, settled) = sync_a_logged(&p);
+    assert!(!settled);
+    assert_eq!(n(&first, "files_uploaded"), 3, "{first}");
+
+    // Nothing changed: the run stops early, and its report says nothing was done.
+    let (again, settled) = sync_a_logged(&p);
+    assert!(settled, "{again}");
+    assert_eq!(plan_of(&again), Vec::<(String, String)>::new(), "{again}");
+    assert_eq!(
+        n(&again, "files_uploaded") + n(&again, "files_downloaded"),
+        0
+    );
+
+    // A local edit, a new empty folder and an exec bit: each seen, then settled again.
+    std::fs::write(p.a.join("docs/two.txt"), b"two, edited\n").unwrap();
+    std::fs::create_dir(p.a.join("empty")).unwrap();
+    set_mode(&p.a.join("top.txt"), 0o755);
+    age_files(&p.a);
+    let (edit, settled) = sync_a_logged(&p);
+    assert!(!settled);
+    assert_eq!(n(&edit, "files_uploaded"), 2, "{edit}");
+    assert_eq!(n(&edit, "folders_created"), 1, "{edit}");
+    // The folder's journal row is read back once (mkdir does not report its rows), then the
+    // folder is settled again.
+    let (_, _) = sync_a_logged(&p);
+    assert!(sync_a_logged(&p).1);
+
+    // A change on the server (from B) is seen through the journal.
+    p.sync_b();
+    write_file(&p.b.join("docs/from_b.txt"), b"from b\n");
+    std::fs::remove_file(p.b.join("docs/deep/one.txt")).unwrap();
+    age_files(&p.b);
+    p.sync_b();
+    let (pulled, settled) = sync_a_logged(&p);
+    assert!(!settled);
+    assert_eq!(n(&pulled, "files_downloaded"), 1, "{pulled}");
+    assert_eq!(n(&pulled, "files_deleted"), 1, "{pulled}");
+    // The downloaded file has B's mtime (a minute back): recorded as is, settled at once.
+    assert!(sync_a_logged(&p).1);
+    assert_same(&digest_tree(&p.a), &digest_tree(&p.b));
+
+    // A local delete.
+    std::fs::remove_dir_all(p.a.join("docs")).unwrap();
+    let (deleted, settled) = sync_a_logged(&p);
+    assert!(!settled);
+    assert!(n(&deleted, "files_deleted") >= 2, "{deleted}");
+    p.sync_b();
+    assert!(!p.b.join("docs").exists());
+}
