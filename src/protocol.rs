@@ -565,6 +565,29 @@ pub fn block_hash(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&SHA256, bytes))
 }
 
+/// Below this many blocks, [`block_hashes`] hashes one block at a time.
+const MIN_LOCKSTEP: usize = 4;
+
+/// The ids of many blocks at once. SHA-256 of independent messages runs in lockstep, one
+/// message per SIMD lane (16 with AVX-512), several times the speed of one at a time on CPUs
+/// without SHA-NI (a batch of 16 blocks of ~512 KiB: ~1 GB/s against ~0.27 GB/s; see
+/// bench/README.md). The blocks are taken shortest first, so lanes finish together.
+pub fn block_hashes(blocks: &[&[u8]]) -> Vec<String> {
+    if blocks.len() < MIN_LOCKSTEP {
+        return blocks.iter().map(|b| block_hash(b)).collect();
+    }
+    let mut order: Vec<usize> = (0..blocks.len()).collect();
+    order.sort_by_key(|&i| blocks[i].len());
+    let sorted: Vec<&[u8]> = order.iter().map(|&i| blocks[i]).collect();
+    let mut digests = vec![[0u8; 32]; blocks.len()];
+    tape_sha256::hash_many(&sorted, &mut digests);
+    let mut out = vec![String::new(); blocks.len()];
+    for (&i, d) in order.iter().zip(&digests) {
+        out[i] = hex::encode(d);
+    }
+    out
+}
+
 /// A file's content hash: SHA-256 over the concatenated raw block digests, so two files are
 /// equal exactly when their block lists are, without comparing bytes.
 pub fn content_hash<S: AsRef<str>>(blocks: &[S]) -> String {
@@ -583,6 +606,34 @@ pub fn content_hash<S: AsRef<str>>(blocks: &[S]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lockstep hashing gives each block the id an independent SHA-256 gives it, in the order
+    /// asked, for batch sizes around the lane count and lengths around SHA-256's 64-byte
+    /// blocks and padding edges.
+    #[test]
+    fn block_hashes_match_one_at_a_time() {
+        use sha2::Digest as _;
+        let mut rng = crate::model_test::Rng::new(7);
+        let edges = [0usize, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1000, 70_000];
+        for n in [0usize, 1, 3, 4, 5, 15, 16, 17, 33, 70] {
+            let blocks: Vec<Vec<u8>> = (0..n)
+                .map(|i| {
+                    let len = if i % 2 == 0 {
+                        edges[i % edges.len()]
+                    } else {
+                        rng.below(300_000)
+                    };
+                    (0..len).map(|_| rng.next() as u8).collect()
+                })
+                .collect();
+            let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+            let want: Vec<String> = refs
+                .iter()
+                .map(|b| hex::encode(sha2::Sha256::digest(b)))
+                .collect();
+            assert_eq!(block_hashes(&refs), want, "{n} blocks");
+        }
+    }
 
     #[test]
     fn normalize_accepts_and_cleans() {

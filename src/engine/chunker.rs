@@ -1,8 +1,8 @@
 //! Content-defined chunking (FastCDC 2020) and block hashing.
 //!
 //! A file is read as a stream and cut by one thread while [`HASH_THREADS`] threads hash the
-//! chunks (SHA-256 is the slower of the two): at most [`CHUNKS_IN_FLIGHT`] chunks (≤ 4 MiB
-//! each) are in memory, whatever the file's size. Block ids are SHA-256 of the chunk bytes; the
+//! chunks (SHA-256 is the slower of the two) in batches, many blocks in lockstep: a bounded
+//! number of batches is in memory, whatever the file's size. Block ids are SHA-256 of the chunk bytes; the
 //! file's content hash is derived from the ordered block ids (`protocol::content_hash`). These
 //! functions are CPU-bound and blocking: callers run them off the async reactor.
 
@@ -58,8 +58,11 @@ impl Digest {
 
 /// Threads hashing the chunks of one file.
 pub const HASH_THREADS: usize = 2;
-/// Chunks cut but not yet hashed, at most (each ≤ 4 MiB).
-pub const CHUNKS_IN_FLIGHT: usize = 4;
+/// Chunks are hashed in batches (see `protocol::block_hashes`): a batch closes at this many
+/// chunks or once it holds this many bytes. At most `HASH_THREADS + 2` batches are in memory
+/// (hashed, queued, being cut): ~16 MiB, whatever the file's size.
+pub const BATCH_CHUNKS: usize = 16;
+pub const BATCH_BYTES: usize = 4 << 20;
 
 /// Chunks and hashes everything `reader` yields; chunks found in `known` (by fingerprint and
 /// length) take their id from it.
@@ -71,52 +74,81 @@ pub fn digest_reader<R: Read + Send>(
     use std::sync::mpsc;
     use std::sync::Mutex;
 
-    let (chunk_tx, chunk_rx) = mpsc::sync_channel::<(usize, u64, Vec<u8>)>(CHUNKS_IN_FLIGHT);
-    let chunk_rx = Mutex::new(chunk_rx);
-    let (done_tx, done_rx) = mpsc::channel::<(usize, BlockRef)>();
+    type Batch = Vec<(usize, u64, Vec<u8>)>;
+    let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(1);
+    let batch_rx = Mutex::new(batch_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Vec<(usize, BlockRef)>>();
     let cut = std::thread::scope(|s| -> io::Result<()> {
         // Owned here, so an early return drops it and the hashers stop: no deadlock on error.
-        let chunk_tx = chunk_tx;
+        let batch_tx = batch_tx;
         for _ in 0..HASH_THREADS {
             let done_tx = done_tx.clone();
-            let chunk_rx = &chunk_rx;
+            let batch_rx = &batch_rx;
             s.spawn(move || loop {
-                let next = chunk_rx.lock().map(|rx| rx.recv());
-                let Ok(Ok((i, offset, data))) = next else {
+                let next = batch_rx.lock().map(|rx| rx.recv());
+                let Ok(Ok(batch)) = next else {
                     return;
                 };
-                let len = data.len() as u32;
-                let fp = fingerprint(&data);
-                let hash = match known.get(&(fp, len)) {
-                    Some(hash) => hash.clone(),
-                    None => protocol::block_hash(&data),
-                };
-                let block = BlockRef {
-                    hash,
-                    offset,
-                    len,
-                    fp: Some(fp),
-                };
-                if done_tx.send((i, block)).is_err() {
+                let fps: Vec<Fingerprint> = batch.iter().map(|(_, _, d)| fingerprint(d)).collect();
+                let mut ids: Vec<Option<String>> = batch
+                    .iter()
+                    .zip(&fps)
+                    .map(|((_, _, d), fp)| known.get(&(*fp, d.len() as u32)).cloned())
+                    .collect();
+                let unknown: Vec<&[u8]> = batch
+                    .iter()
+                    .zip(&ids)
+                    .filter(|(_, id)| id.is_none())
+                    .map(|((_, _, d), _)| d.as_slice())
+                    .collect();
+                let mut hashed = protocol::block_hashes(&unknown).into_iter();
+                for id in ids.iter_mut().filter(|id| id.is_none()) {
+                    *id = hashed.next();
+                }
+                let blocks = batch
+                    .iter()
+                    .zip(fps)
+                    .zip(ids)
+                    .map(|(((i, offset, data), fp), hash)| {
+                        let block = BlockRef {
+                            hash: hash.unwrap_or_default(),
+                            offset: *offset,
+                            len: data.len() as u32,
+                            fp: Some(fp),
+                        };
+                        (*i, block)
+                    })
+                    .collect();
+                if done_tx.send(blocks).is_err() {
                     return;
                 }
             });
         }
         drop(done_tx);
+        let mut batch: Batch = Vec::new();
+        let mut bytes = 0;
         for (i, chunk) in StreamCDC::new(reader, params.min, params.avg, params.max).enumerate() {
             let chunk = chunk.map_err(|e| match e {
                 CdcError::IoError(io) => io,
                 other => io::Error::other(other.to_string()),
             })?;
-            if chunk_tx.send((i, chunk.offset, chunk.data)).is_err() {
-                break;
+            bytes += chunk.data.len();
+            batch.push((i, chunk.offset, chunk.data));
+            if batch.len() == BATCH_CHUNKS || bytes >= BATCH_BYTES {
+                bytes = 0;
+                if batch_tx.send(std::mem::take(&mut batch)).is_err() {
+                    break;
+                }
             }
         }
-        drop(chunk_tx);
+        if !batch.is_empty() {
+            let _ = batch_tx.send(batch);
+        }
+        drop(batch_tx);
         Ok(())
     });
     cut?;
-    let mut indexed: Vec<(usize, BlockRef)> = done_rx.into_iter().collect();
+    let mut indexed: Vec<(usize, BlockRef)> = done_rx.into_iter().flatten().collect();
     indexed.sort_by_key(|(i, _)| *i);
     let blocks: Vec<BlockRef> = indexed.into_iter().map(|(_, b)| b).collect();
     let size = blocks.iter().map(|b| u64::from(b.len)).sum();
@@ -145,21 +177,52 @@ pub fn digest_file(path: &Path, params: ChunkParams, known: &KnownBlocks) -> io:
 
 /// Chunks and hashes bytes in memory, on the calling thread.
 pub fn digest_bytes(data: &[u8], params: ChunkParams) -> Digest {
-    let blocks: Vec<BlockRef> =
-        fastcdc::v2020::FastCDC::new(data, params.min, params.avg, params.max)
-            .map(|c| BlockRef {
-                hash: protocol::block_hash(&data[c.offset..c.offset + c.length]),
-                offset: c.offset as u64,
-                len: c.length as u32,
-                fp: None,
-            })
-            .collect();
-    let content_hash = protocol::content_hash(&blocks.iter().map(|b| &b.hash).collect::<Vec<_>>());
-    Digest {
-        size: data.len() as u64,
-        blocks,
-        content_hash,
-    }
+    digest_many(&[data], params)
+        .pop()
+        .expect("one digest per input")
+}
+
+/// Chunks and hashes several files' bytes in memory, on the calling thread: the blocks of all
+/// of them are hashed together, in lockstep (see `protocol::block_hashes`), which is how many
+/// small files are hashed several times faster than one by one.
+pub fn digest_many(files: &[&[u8]], params: ChunkParams) -> Vec<Digest> {
+    let cuts: Vec<Vec<(usize, usize)>> = files
+        .iter()
+        .map(|data| {
+            fastcdc::v2020::FastCDC::new(data, params.min, params.avg, params.max)
+                .map(|c| (c.offset, c.length))
+                .collect()
+        })
+        .collect();
+    let chunks: Vec<&[u8]> = files
+        .iter()
+        .zip(&cuts)
+        .flat_map(|(data, cuts)| cuts.iter().map(|&(o, l)| &data[o..o + l]))
+        .collect();
+    let mut hashes = protocol::block_hashes(&chunks).into_iter();
+    files
+        .iter()
+        .zip(cuts)
+        .map(|(data, cuts)| {
+            let blocks: Vec<BlockRef> = cuts
+                .into_iter()
+                .zip(hashes.by_ref())
+                .map(|((offset, len), hash)| BlockRef {
+                    hash,
+                    offset: offset as u64,
+                    len: len as u32,
+                    fp: None,
+                })
+                .collect();
+            let content_hash =
+                protocol::content_hash(&blocks.iter().map(|b| &b.hash).collect::<Vec<_>>());
+            Digest {
+                size: data.len() as u64,
+                blocks,
+                content_hash,
+            }
+        })
+        .collect()
 }
 
 /// Reads one block of a file back (for upload) and checks it still hashes to its id; `Ok(None)`

@@ -275,10 +275,13 @@ impl Remote {
         let blocks =
             tokio::task::spawn_blocking(move || -> RemoteResult<Vec<(String, Bytes, bool)>> {
                 let decoded = p::decode_blocks(&body).map_err(RemoteError::Protocol)?;
+                let bytes: Vec<&[u8]> = decoded.iter().map(|(_, b)| *b).collect();
+                let actual = p::block_hashes(&bytes);
                 Ok(decoded
                     .into_iter()
-                    .map(|(hash, bytes)| {
-                        let ok = p::block_hash(bytes) == hash;
+                    .zip(actual)
+                    .map(|((hash, bytes), actual)| {
+                        let ok = actual == hash;
                         (hash, body.slice_ref(bytes), ok)
                     })
                     .collect::<Vec<_>>())

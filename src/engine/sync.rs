@@ -31,8 +31,11 @@ use super::scanner::{self, LocalEntry, Scan, PART_PREFIX, TEMP_PREFIX};
 use super::{EngineError, Progress};
 use crate::protocol::{self, ChunkParams, CommitRequest, EntryKind};
 
-/// Files hashed at once (CPU-bound; this machine class has 2 cores).
+/// Hashing tasks at once (CPU-bound; this machine class has 2 cores).
 const HASH_PARALLELISM: usize = 2;
+/// Small files hashed together in one task, at most (and at most this many bytes).
+const HASH_BATCH_FILES: usize = 64;
+const HASH_BATCH_BYTES: u64 = 8 << 20;
 /// Block uploads in flight (each ≤ 4 MiB, so at most 16 MiB of block data in memory).
 const UPLOAD_PARALLELISM: usize = 4;
 /// Commits per request (each batch is one durable transaction on the server).
@@ -843,19 +846,42 @@ async fn hash_files(
 ) -> Result<HashMap<String, Digest>, EngineError> {
     let total: u64 = files.iter().map(|(_, s, _)| s).sum();
     progress.start("hashing", total);
-    let results: Vec<_> = stream::iter(files)
-        .map(|(path, _, known)| {
-            let full = root.join(&path);
+    // Big files one at a time (each is cut by one thread and hashed by others); small ones
+    // many to a task, so their blocks are hashed together.
+    let (small, big): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|(_, size, _)| *size <= chunker::SMALL_FILE);
+    let mut jobs: Vec<Vec<(String, KnownBlocks)>> = big
+        .into_iter()
+        .map(|(path, _, known)| vec![(path, known)])
+        .collect();
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    for (path, size, known) in small {
+        if batch.len() == HASH_BATCH_FILES || batch_bytes + size > HASH_BATCH_BYTES {
+            jobs.push(std::mem::take(&mut batch));
+            batch_bytes = 0;
+        }
+        batch_bytes += size;
+        batch.push((path, known));
+    }
+    if !batch.is_empty() {
+        jobs.push(batch);
+    }
+    let results: Vec<(String, std::io::Result<Digest>)> = stream::iter(jobs)
+        .map(|job| {
+            let root = root.to_path_buf();
             let progress = progress.clone();
             async move {
-                let r = blocking(move || chunker::digest_file(&full, params, &known)).await;
-                if let Ok(d) = &r {
+                let done = blocking(move || digest_files(&root, job, params)).await;
+                for d in done.iter().filter_map(|(_, r)| r.as_ref().ok()) {
                     progress.advance(d.size);
                 }
-                (path, r)
+                done
             }
         })
         .buffer_unordered(HASH_PARALLELISM)
+        .flat_map(stream::iter)
         .collect()
         .await;
     progress.finish();
@@ -875,6 +901,45 @@ async fn hash_files(
         }
     }
     Ok(out)
+}
+
+/// Digests of `files` (paths relative to `root`, with the blocks each had before): one big
+/// file streamed, or many small ones read whole and hashed together.
+fn digest_files(
+    root: &Path,
+    files: Vec<(String, KnownBlocks)>,
+    params: ChunkParams,
+) -> Vec<(String, std::io::Result<Digest>)> {
+    let mut out = Vec::with_capacity(files.len());
+    let mut read: Vec<(String, Vec<u8>)> = Vec::with_capacity(files.len());
+    for (path, known) in files {
+        let full = root.join(&path);
+        let whole = std::fs::File::open(&full).and_then(|mut f| {
+            if f.metadata()?.len() > chunker::SMALL_FILE {
+                return Ok(None);
+            }
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut data)?;
+            Ok(Some(data))
+        });
+        match whole {
+            Ok(Some(data)) => read.push((path, data)),
+            // Big (or grown since the scan): streamed on its own.
+            Ok(None) => {
+                let d = chunker::digest_file(&full, params, &known);
+                out.push((path, d));
+            }
+            Err(e) => out.push((path, Err(e))),
+        }
+    }
+    let bytes: Vec<&[u8]> = read.iter().map(|(_, d)| d.as_slice()).collect();
+    let digests = chunker::digest_many(&bytes, params);
+    out.extend(
+        read.into_iter()
+            .map(|(p, _)| p)
+            .zip(digests.into_iter().map(Ok)),
+    );
+    out
 }
 
 struct Apply<'a> {

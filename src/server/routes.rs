@@ -448,9 +448,10 @@ async fn put_blocks<M: MetaStore, B: BlobStore>(
                 p::MAX_BATCH_BLOCKS
             )));
         }
+        let bytes: Vec<&[u8]> = blocks.iter().map(|(_, b)| *b).collect();
+        let actual = p::block_hashes(&bytes);
         let mut out = Vec::with_capacity(blocks.len());
-        for (hash, bytes) in blocks {
-            let actual = p::block_hash(bytes);
+        for ((hash, bytes), actual) in blocks.into_iter().zip(actual) {
             if actual != hash {
                 return Err(ApiError::HashMismatch {
                     expected: hash,
