@@ -50,9 +50,9 @@ const UPLOAD_CHUNKS_IN_FLIGHT: usize = 2;
 const SMALL_BLOCK: usize = 1 << 20;
 /// Bytes of small blocks per batch request.
 const BATCH_BYTES: usize = 4 << 20;
-/// Files downloaded at once, and blocks in flight per file (≤ 2 × 4 × 4 MiB in memory).
+/// Files downloaded at once, and block requests in flight per big file (each ≤ 16 MiB).
 const DOWNLOAD_FILES_PARALLELISM: usize = 2;
-const DOWNLOAD_BLOCKS_PARALLELISM: usize = 4;
+const DOWNLOAD_FETCHES_IN_FLIGHT: usize = 2;
 /// Hashes per `blocks/missing` request.
 const MISSING_BATCH: usize = 1000;
 /// The namespace id the index uses for the user's root namespace.
@@ -1683,20 +1683,18 @@ impl Apply<'_> {
             })
             .buffer_unordered(DOWNLOAD_FILES_PARALLELISM)
             .flat_map(stream::iter);
+        let source = BlockSource {
+            root,
+            remote,
+            sources,
+            max_block: self.params.max,
+        };
+        let source = &source;
         let single = stream::iter(large)
             .map(|(path, entry, expected)| {
                 let progress = progress.clone();
                 async move {
-                    let r = download_one(
-                        root,
-                        remote,
-                        sources,
-                        &path,
-                        &entry,
-                        expected.as_ref(),
-                        &progress,
-                    )
-                    .await;
+                    let r = download_one(source, &path, &entry, expected.as_ref(), &progress).await;
                     (path, entry, r)
                 }
             })
@@ -1890,34 +1888,73 @@ fn finish_file(
     Ok(())
 }
 
-/// One block: from an unchanged local file when one holds it (re-verified), else the server.
-async fn fetch_block(
-    root: &Path,
-    remote: &Remote,
-    sources: &HashMap<String, (String, BlockRef)>,
-    hash: &str,
-) -> Result<(bytes::Bytes, bool), EngineError> {
-    if let Some((path, block)) = sources.get(hash) {
-        let (full, block) = (root.join(path), block.clone());
-        if let Ok(Some(bytes)) = blocking(move || chunker::read_block(&full, &block)).await {
-            return Ok((bytes::Bytes::from(bytes), true));
-        }
+/// Where a big file's blocks come from: unchanged local files that hold them, else the server.
+struct BlockSource<'a> {
+    root: &'a Path,
+    remote: &'a Remote,
+    sources: &'a HashMap<String, (String, BlockRef)>,
+    /// The largest block the server's chunking makes.
+    max_block: u32,
+}
+
+impl BlockSource<'_> {
+    /// Blocks fetched per request: lockstep verification wants many at once (see
+    /// `protocol::block_hashes`); the server's batch limit caps their bytes.
+    fn per_fetch(&self) -> usize {
+        (protocol::MAX_BATCH_BYTES / self.max_block.max(1) as usize).clamp(1, 16)
     }
-    Ok((remote.get_block(hash).await?, false))
+
+    /// Blocks, in order: each from an unchanged local file that holds it (re-verified), else
+    /// from the server, those in one request (or one by one if the server finds it too
+    /// large). With each, whether it was reused from a local file.
+    async fn fetch(&self, hashes: &[String]) -> Result<Vec<(bytes::Bytes, bool)>, EngineError> {
+        let (root, remote) = (self.root, self.remote);
+        let mut out: Vec<Option<(bytes::Bytes, bool)>> = vec![None; hashes.len()];
+        for (slot, hash) in out.iter_mut().zip(hashes) {
+            if let Some((path, block)) = self.sources.get(hash) {
+                let (full, block) = (root.join(path), block.clone());
+                if let Ok(Some(bytes)) = blocking(move || chunker::read_block(&full, &block)).await
+                {
+                    *slot = Some((bytes::Bytes::from(bytes), true));
+                }
+            }
+        }
+        let wanted: Vec<String> = hashes
+            .iter()
+            .zip(&out)
+            .filter(|(_, slot)| slot.is_none())
+            .map(|(h, _)| h.clone())
+            .collect();
+        let fetched = match remote.fetch_blocks(&wanted).await {
+            Err(RemoteError::Refused { status: 413, .. }) => {
+                let mut one_by_one = Vec::with_capacity(wanted.len());
+                for hash in &wanted {
+                    one_by_one.push(remote.get_block(hash).await?);
+                }
+                one_by_one
+            }
+            other => other?,
+        };
+        let mut fetched = fetched.into_iter();
+        Ok(out
+            .into_iter()
+            .map(|slot| slot.or_else(|| Some((fetched.next()?, false))))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| RemoteError::Protocol("fewer blocks than asked for".into()))?)
+    }
 }
 
 /// Downloads one file into place. Returns `None` when the destination changed since the scan
 /// (then nothing was replaced).
 async fn download_one(
-    root: &Path,
-    remote: &Remote,
-    sources: &HashMap<String, (String, BlockRef)>,
+    source: &BlockSource<'_>,
     path: &str,
     entry: &protocol::Entry,
     expected: Option<&LocalEntry>,
     progress: &Arc<dyn Progress>,
 ) -> Result<Option<Downloaded>, EngineError> {
     use std::io::{Seek, SeekFrom};
+    let root = source.root;
     // A big file downloads into a partial file named after its content, kept if the run is
     // killed: the next run keeps every block already written (re-verified) and fetches the rest.
     let dest = root.join(path);
@@ -1974,24 +2011,25 @@ async fn download_one(
         i += 1;
     }
     file.seek(SeekFrom::Start(offset)).map_err(io_at(&part))?;
-    let mut blocks = stream::iter(entry.blocks[i..].iter())
-        .map(|h| fetch_block(root, remote, sources, h))
-        .buffered(DOWNLOAD_BLOCKS_PARALLELISM);
+    let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch()))
+        .map(|hashes| source.fetch(hashes))
+        .buffered(DOWNLOAD_FETCHES_IN_FLIGHT);
     let mut received = offset;
-    while let Some(block) = blocks.next().await {
-        let (bytes, reused) = block?;
-        let len = bytes.len() as u64;
-        received += len;
-        if reused {
-            got.bytes_reused += len;
-        } else {
-            got.blocks_fetched += 1;
-            got.bytes_fetched += len;
+    while let Some(group) = groups.next().await {
+        for (bytes, reused) in group? {
+            let len = bytes.len() as u64;
+            received += len;
+            if reused {
+                got.bytes_reused += len;
+            } else {
+                got.blocks_fetched += 1;
+                got.bytes_fetched += len;
+            }
+            got.block_lens.push(bytes.len() as u32);
+            fps.push(Some(chunker::fingerprint(&bytes)));
+            file.write_all(&bytes).map_err(io_at(&part))?;
+            progress.advance(len);
         }
-        got.block_lens.push(bytes.len() as u32);
-        fps.push(Some(chunker::fingerprint(&bytes)));
-        file.write_all(&bytes).map_err(io_at(&part))?;
-        progress.advance(len);
     }
     got.block_fps = fps.into_iter().collect::<Option<_>>().unwrap_or_default();
     file.set_len(received).map_err(io_at(&part))?;
