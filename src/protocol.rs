@@ -140,19 +140,91 @@ pub const MAX_BATCH_BLOCKS: usize = 4096;
 /// The most commits one `files/commit_batch` request carries.
 pub const MAX_COMMIT_BATCH: usize = 2000;
 
-/// Encodes several blocks in one binary body (`application/octet-stream`): for each, its
-/// 64-character hex id, its length as a big-endian u32, then its bytes.
+/// Encodes several blocks in one binary body (see [`block_header`]).
+#[cfg(test)]
 pub fn encode_blocks<'a>(blocks: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
     let mut out = Vec::new();
     for (hash, bytes) in blocks {
-        out.extend_from_slice(hash.as_bytes());
-        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&block_header(hash, bytes.len()));
         out.extend_from_slice(bytes);
     }
     out
 }
 
-/// Decodes [`encode_blocks`]' framing; errors name what is malformed. Ids are not verified
+/// Several blocks travel in one binary body (`application/octet-stream`): for each, this
+/// header (its 64-character hex id, its length as a big-endian u32), then its bytes.
+pub fn block_header(hash: &str, len: usize) -> [u8; 68] {
+    let mut out = [0u8; 68];
+    let n = hash.len().min(64);
+    out[..n].copy_from_slice(&hash.as_bytes()[..n]);
+    out[64..].copy_from_slice(&(len as u32).to_be_bytes());
+    out
+}
+
+/// Decodes the framing of [`block_header`] as it arrives, piece by piece, each block into a buffer
+/// of its exact size (a whole batch is never held twice, nor in one growing buffer).
+#[derive(Default)]
+pub struct BlockDecoder {
+    /// The start of a block header cut by the end of a piece.
+    header: Vec<u8>,
+    /// The block being filled: its id, its bytes so far, its length.
+    current: Option<(String, bytes::BytesMut, usize)>,
+    blocks: Vec<(String, bytes::Bytes)>,
+}
+
+impl BlockDecoder {
+    pub fn feed(&mut self, mut piece: &[u8]) -> Result<(), String> {
+        while !piece.is_empty() {
+            if let Some((_, buf, len)) = &mut self.current {
+                let take = (*len - buf.len()).min(piece.len());
+                buf.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if buf.len() == *len {
+                    if let Some((hash, buf, _)) = self.current.take() {
+                        self.blocks.push((hash, buf.freeze()));
+                    }
+                }
+                continue;
+            }
+            let take = (68 - self.header.len()).min(piece.len());
+            self.header.extend_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            if self.header.len() < 68 {
+                continue;
+            }
+            let hash = std::str::from_utf8(&self.header[..64])
+                .ok()
+                .filter(|h| is_block_hash(h))
+                .ok_or("a block id is not 64 lowercase hex digits")?
+                .to_string();
+            let h = &self.header[64..];
+            let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            if len > MAX_BLOCK_SIZE {
+                return Err(format!(
+                    "block {hash} is larger than {MAX_BLOCK_SIZE} bytes"
+                ));
+            }
+            self.header.clear();
+            if len == 0 {
+                self.blocks.push((hash, bytes::Bytes::new()));
+            } else {
+                self.current = Some((hash, bytes::BytesMut::with_capacity(len), len));
+            }
+        }
+        Ok(())
+    }
+
+    /// The blocks decoded; an error if the input stopped inside one.
+    pub fn finish(self) -> Result<Vec<(String, bytes::Bytes)>, String> {
+        match (&self.current, self.header.is_empty()) {
+            (Some((hash, ..)), _) => Err(format!("block {hash} is truncated")),
+            (None, false) => Err("truncated block header".into()),
+            (None, true) => Ok(self.blocks),
+        }
+    }
+}
+
+/// Decodes the framing of [`block_header`]; errors name what is malformed. Ids are not verified
 /// against the bytes here.
 pub fn decode_blocks(mut body: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
     let mut out = Vec::new();
@@ -606,6 +678,43 @@ pub fn content_hash<S: AsRef<str>>(blocks: &[S]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streaming decoder reads what `encode_blocks` wrote, however the bytes are cut,
+    /// and refuses input that stops inside a block or a header.
+    #[test]
+    fn block_decoder_reads_any_cut_of_the_framing() {
+        let mut rng = crate::model_test::Rng::new(3);
+        let blocks: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| {
+                // Some empty, the first not (the cuts below fall inside it).
+                let len = if i % 3 == 1 { 0 } else { 1 + rng.below(5000) };
+                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                (block_hash(&data), data)
+            })
+            .collect();
+        let body = encode_blocks(blocks.iter().map(|(h, b)| (h.as_str(), &b[..])));
+        for _ in 0..20 {
+            let mut dec = BlockDecoder::default();
+            let mut rest = &body[..];
+            while !rest.is_empty() {
+                let n = (1 + rng.below(300)).min(rest.len());
+                dec.feed(&rest[..n]).unwrap();
+                rest = &rest[n..];
+            }
+            let got: Vec<(String, Vec<u8>)> = dec
+                .finish()
+                .unwrap()
+                .into_iter()
+                .map(|(h, b)| (h, b.to_vec()))
+                .collect();
+            assert_eq!(got, blocks);
+        }
+        for cut in [1, 67, 68, 69, body.len() - 1] {
+            let mut dec = BlockDecoder::default();
+            dec.feed(&body[..cut]).unwrap();
+            assert!(dec.finish().is_err(), "cut at {cut}");
+        }
+    }
 
     /// Lockstep hashing gives each block the id an independent SHA-256 gives it, in the order
     /// asked, for batch sizes around the lane count and lengths around SHA-256's 64-byte

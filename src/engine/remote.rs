@@ -230,8 +230,7 @@ impl Remote {
         Ok(resp.missing)
     }
 
-    pub async fn put_block(&self, hash: &str, bytes: Vec<u8>) -> RemoteResult<PutBlockResponse> {
-        let bytes = Bytes::from(bytes);
+    pub async fn put_block(&self, hash: &str, bytes: Bytes) -> RemoteResult<PutBlockResponse> {
         retrying("block upload", || {
             self.json(
                 self.request(Method::PUT, &r::block(hash))
@@ -242,19 +241,26 @@ impl Remote {
         .await
     }
 
-    /// Uploads several blocks in one request (see `protocol::encode_blocks`).
+    /// Uploads several blocks in one request (see `protocol::block_header`), streamed from
+    /// the blocks' own buffers (never copied into one body).
     pub async fn put_blocks(
         &self,
-        blocks: &[(String, Vec<u8>)],
+        blocks: Vec<(String, Bytes)>,
     ) -> RemoteResult<p::PutBlocksResponse> {
-        let body = Bytes::from(p::encode_blocks(
-            blocks.iter().map(|(h, b)| (h.as_str(), &b[..])),
-        ));
+        let mut parts = Vec::with_capacity(blocks.len() * 2);
+        for (hash, bytes) in blocks {
+            parts.push(Bytes::copy_from_slice(&p::block_header(&hash, bytes.len())));
+            parts.push(bytes);
+        }
+        let length: u64 = parts.iter().map(|b| b.len() as u64).sum();
         retrying("block upload", || {
+            let body =
+                futures::stream::iter(parts.clone().into_iter().map(Ok::<_, std::io::Error>));
             self.json(
                 self.request(Method::POST, r::BLOCKS_BATCH)
                     .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .body(body.clone()),
+                    .header(reqwest::header::CONTENT_LENGTH, length)
+                    .body(reqwest::Body::wrap_stream(body)),
             )
         })
         .await
@@ -265,29 +271,33 @@ impl Remote {
         let req = p::FetchRequest {
             hashes: hashes.to_vec(),
         };
-        let body = retrying("block download", || async {
+        let decoded = retrying("block download", || async {
             let resp = self
                 .send(self.request(Method::POST, r::BLOCKS_FETCH).json(&req))
                 .await?;
-            resp.bytes().await.map_err(|e| self.transport(e))
+            let mut decoder = p::BlockDecoder::default();
+            let mut body = resp.bytes_stream();
+            while let Some(piece) = futures::StreamExt::next(&mut body).await {
+                let piece = piece.map_err(|e| self.transport(e))?;
+                decoder.feed(&piece).map_err(RemoteError::Protocol)?;
+            }
+            decoder.finish().map_err(RemoteError::Protocol)
         })
         .await?;
-        let blocks =
-            tokio::task::spawn_blocking(move || -> RemoteResult<Vec<(String, Bytes, bool)>> {
-                let decoded = p::decode_blocks(&body).map_err(RemoteError::Protocol)?;
-                let bytes: Vec<&[u8]> = decoded.iter().map(|(_, b)| *b).collect();
-                let actual = p::block_hashes(&bytes);
-                Ok(decoded
-                    .into_iter()
-                    .zip(actual)
-                    .map(|((hash, bytes), actual)| {
-                        let ok = actual == hash;
-                        (hash, body.slice_ref(bytes), ok)
-                    })
-                    .collect::<Vec<_>>())
-            })
-            .await
-            .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        let blocks = tokio::task::spawn_blocking(move || -> Vec<(String, Bytes, bool)> {
+            let bytes: Vec<&[u8]> = decoded.iter().map(|(_, b)| &b[..]).collect();
+            let actual = p::block_hashes(&bytes);
+            decoded
+                .into_iter()
+                .zip(actual)
+                .map(|((hash, bytes), actual)| {
+                    let ok = actual == hash;
+                    (hash, bytes, ok)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| RemoteError::Protocol(e.to_string()))?;
         // A damaged block is asked for alone, verified at the source (see `get_block`).
         let mut checked = Vec::with_capacity(blocks.len());
         for (hash, bytes, ok) in blocks {

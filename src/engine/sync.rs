@@ -36,8 +36,9 @@ const HASH_PARALLELISM: usize = 2;
 /// Small files hashed together in one task, at most (and at most this many bytes).
 const HASH_BATCH_FILES: usize = 64;
 const HASH_BATCH_BYTES: u64 = 8 << 20;
-/// Block uploads in flight (each ≤ 4 MiB, so at most 16 MiB of block data in memory).
-const UPLOAD_PARALLELISM: usize = 4;
+/// Block upload requests in flight per upload chunk (each ≤ 8 MiB, so with two chunks under
+/// way at most 32 MiB of block data in memory).
+const UPLOAD_PARALLELISM: usize = 2;
 /// Commits per request (each batch is one durable transaction on the server).
 const COMMIT_BATCH: usize = 1000;
 /// Content per upload chunk, at most (a chunk may hold one bigger file).
@@ -46,10 +47,13 @@ const UPLOAD_CHUNK_BYTES: u64 = 64 << 20;
 const UPLOAD_WINDOW: usize = 1024;
 /// Upload chunks under way at once: one committing while the next one's blocks travel.
 const UPLOAD_CHUNKS_IN_FLIGHT: usize = 2;
-/// Blocks smaller than this travel many to a request.
+/// Files this small download many to a request.
 const SMALL_BLOCK: usize = 1 << 20;
-/// Bytes of small blocks per batch request.
+/// Bytes of small files per download request.
 const BATCH_BYTES: usize = 4 << 20;
+/// Bytes of blocks per upload request: many blocks each, so the server verifies them in
+/// lockstep (see `protocol::block_hashes`); a block over half of it travels alone.
+const UPLOAD_BATCH_BYTES: usize = 8 << 20;
 /// Files downloaded at once, and block requests in flight per big file (each ≤ 16 MiB).
 const DOWNLOAD_FILES_PARALLELISM: usize = 2;
 const DOWNLOAD_FETCHES_IN_FLIGHT: usize = 2;
@@ -996,11 +1000,13 @@ fn upload_jobs(
         // its blocks are re-hashed on read instead of trusting the stat.
         let scanned = scan.tree.get(*p).filter(|l| index_mtime(l) != i64::MIN);
         let job = (p.to_string(), root.join(p), (*b).clone(), scanned.cloned());
-        if b.len as usize >= SMALL_BLOCK {
+        if b.len as usize > UPLOAD_BATCH_BYTES / 2 {
             jobs.push(vec![job]);
             continue;
         }
-        if batch_bytes + b.len as usize > BATCH_BYTES || batch.len() == protocol::MAX_BATCH_BLOCKS {
+        if batch_bytes + b.len as usize > UPLOAD_BATCH_BYTES
+            || batch.len() == protocol::MAX_BATCH_BLOCKS
+        {
             jobs.push(std::mem::take(&mut batch));
             batch_bytes = 0;
         }
@@ -1049,7 +1055,7 @@ async fn send_blocks(
                         None => outcome.push((path, 0, false)),
                         Some(bytes) => {
                             outcome.push((path, bytes.len() as u64, true));
-                            send.push((hash, bytes));
+                            send.push((hash, bytes::Bytes::from(bytes)));
                         }
                     }
                 }
@@ -1060,7 +1066,7 @@ async fn send_blocks(
                         let (hash, bytes) = send.pop().expect("one block");
                         remote.put_block(&hash, bytes).await.map(drop)
                     }
-                    _ => remote.put_blocks(&send).await.map(drop),
+                    _ => remote.put_blocks(send).await.map(drop),
                 };
                 match sent {
                     Ok(()) => {}
