@@ -224,35 +224,6 @@ impl BlockDecoder {
     }
 }
 
-/// Decodes the framing of [`block_header`]; errors name what is malformed. Ids are not verified
-/// against the bytes here.
-pub fn decode_blocks(mut body: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
-    let mut out = Vec::new();
-    while !body.is_empty() {
-        if body.len() < 68 {
-            return Err("truncated block header".into());
-        }
-        let hash = std::str::from_utf8(&body[..64])
-            .ok()
-            .filter(|h| is_block_hash(h))
-            .ok_or("a block id is not 64 lowercase hex digits")?
-            .to_string();
-        let len = u32::from_be_bytes([body[64], body[65], body[66], body[67]]) as usize;
-        if len > MAX_BLOCK_SIZE {
-            return Err(format!(
-                "block {hash} is larger than {MAX_BLOCK_SIZE} bytes"
-            ));
-        }
-        let rest = &body[68..];
-        if rest.len() < len {
-            return Err(format!("block {hash} is truncated"));
-        }
-        out.push((hash, &rest[..len]));
-        body = &rest[len..];
-    }
-    Ok(out)
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PutBlocksResponse {
     /// Blocks whose bytes were new to the server.
@@ -789,17 +760,25 @@ mod tests {
 
     #[test]
     fn block_batches_round_trip_and_reject_garbage() {
+        let decode = |body: &[u8]| {
+            let mut d = BlockDecoder::default();
+            d.feed(body)?;
+            d.finish()
+        };
         let (a, b) = (b"first".to_vec(), vec![7u8; 1000]);
         let (ha, hb) = (block_hash(&a), block_hash(&b));
         let body = encode_blocks([(ha.as_str(), &a[..]), (hb.as_str(), &b[..])]);
-        let decoded = decode_blocks(&body).unwrap();
-        assert_eq!(decoded, vec![(ha.clone(), &a[..]), (hb, &b[..])]);
-        assert!(decode_blocks(&body[..body.len() - 1]).is_err());
-        assert!(decode_blocks(&body[..10]).is_err());
-        assert_eq!(decode_blocks(&[]).unwrap(), vec![]);
+        let decoded = decode(&body).unwrap();
+        assert_eq!(decoded, vec![(ha.clone(), a.into()), (hb, b.into())]);
+        assert!(decode(&body[..body.len() - 1]).is_err());
+        assert!(decode(&body[..10]).is_err());
+        assert_eq!(decode(&[]).unwrap(), vec![]);
         let mut bad = body.clone();
         bad[0] = b'X';
-        assert!(decode_blocks(&bad).is_err());
+        assert!(decode(&bad).is_err());
+        let mut huge = body.clone();
+        huge[64..68].copy_from_slice(&(MAX_BLOCK_SIZE as u32 + 1).to_be_bytes());
+        assert!(decode(&huge).is_err());
     }
 
     #[test]

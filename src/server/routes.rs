@@ -432,35 +432,47 @@ async fn restore<M: MetaStore, B: BlobStore>(
 async fn put_blocks<M: MetaStore, B: BlobStore>(
     State(app): AppState<M, B>,
     caller: Caller,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<p::PutBlocksResponse>> {
-    if body.len() > p::MAX_BATCH_BYTES + 68 * p::MAX_BATCH_BLOCKS {
-        return Err(ApiError::TooLarge(format!(
+    let limit = p::MAX_BATCH_BYTES + 68 * p::MAX_BATCH_BLOCKS;
+    let too_large = || {
+        ApiError::TooLarge(format!(
             "a batch carries at most {} bytes of blocks",
             p::MAX_BATCH_BYTES
+        ))
+    };
+    // Decoded as it arrives, each block into a buffer of its exact size: the request is never
+    // held whole and copied again.
+    let mut decoder = p::BlockDecoder::default();
+    let mut received = 0usize;
+    let mut pieces = body.into_data_stream();
+    while let Some(piece) = pieces.next().await {
+        let piece = piece.map_err(|e| ApiError::BadRequest(format!("reading the request: {e}")))?;
+        received += piece.len();
+        if received > limit {
+            return Err(too_large());
+        }
+        decoder.feed(&piece).map_err(ApiError::BadRequest)?;
+    }
+    let blocks = decoder.finish().map_err(ApiError::BadRequest)?;
+    if blocks.len() > p::MAX_BATCH_BLOCKS {
+        return Err(ApiError::TooLarge(format!(
+            "a batch carries at most {} blocks",
+            p::MAX_BATCH_BLOCKS
         )));
     }
     let checked = tokio::task::spawn_blocking(move || {
-        let blocks = p::decode_blocks(&body).map_err(ApiError::BadRequest)?;
-        if blocks.len() > p::MAX_BATCH_BLOCKS {
-            return Err(ApiError::TooLarge(format!(
-                "a batch carries at most {} blocks",
-                p::MAX_BATCH_BLOCKS
-            )));
-        }
-        let bytes: Vec<&[u8]> = blocks.iter().map(|(_, b)| *b).collect();
+        let bytes: Vec<&[u8]> = blocks.iter().map(|(_, b)| &b[..]).collect();
         let actual = p::block_hashes(&bytes);
-        let mut out = Vec::with_capacity(blocks.len());
-        for ((hash, bytes), actual) in blocks.into_iter().zip(actual) {
-            if actual != hash {
+        for ((hash, _), actual) in blocks.iter().zip(actual) {
+            if actual != *hash {
                 return Err(ApiError::HashMismatch {
-                    expected: hash,
+                    expected: hash.clone(),
                     actual,
                 });
             }
-            out.push((hash, body.slice_ref(bytes)));
         }
-        Ok(out)
+        Ok(blocks)
     })
     .await
     .map_err(|e| ApiError::BadRequest(e.to_string()))??;

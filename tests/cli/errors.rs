@@ -364,3 +364,85 @@ async fn an_oversized_block_fetch_is_refused() {
     assert_eq!(resp.status(), 200);
     assert!(resp.bytes().await.unwrap().len() > 2 * (128 << 10));
 }
+
+/// `blocks/batch` (streamed and decoded as it arrives): a batch is stored whole only when
+/// every block hashes to its id; a wrong id, a cut-short body or an oversized one is refused
+/// with nothing stored.
+#[tokio::test]
+async fn block_batches_are_all_or_nothing() {
+    let server = Server::start();
+    let tok = api_token(&server, "alice").await;
+    let frame = |blocks: &[(&str, &[u8])]| {
+        let mut body = Vec::new();
+        for (hash, bytes) in blocks {
+            body.extend_from_slice(hash.as_bytes());
+            body.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            body.extend_from_slice(bytes);
+        }
+        body
+    };
+    let post = |body: Vec<u8>| {
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/blocks/batch", server.url))
+            .bearer_auth(&tok)
+            .body(body)
+            .send()
+    };
+    let missing = |hashes: Vec<String>| {
+        let tok = tok.clone();
+        let url = format!("{}/api/v1/blocks/missing", server.url);
+        async move {
+            let v: Value = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(&tok)
+                .json(&json!({ "hashes": hashes }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["missing"].as_array().unwrap().len()
+        }
+    };
+    let blocks: Vec<Vec<u8>> = (0..20)
+        .map(|i| Rng::new(i).bytes(1000 + 700 * i as usize))
+        .collect();
+    let ids: Vec<String> = blocks.iter().map(|b| sha_hex(b)).collect();
+    let mut framed: Vec<(&str, &[u8])> = ids
+        .iter()
+        .map(String::as_str)
+        .zip(blocks.iter().map(Vec::as_slice))
+        .collect();
+
+    // One wrong id among twenty: refused, none stored.
+    let wrong = sha_hex(b"not these bytes");
+    framed[13].0 = &wrong;
+    let resp = post(frame(&framed)).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "hash_mismatch", "{body}");
+    assert_eq!(missing(ids.clone()).await, 20);
+
+    // Cut short inside a block: refused, none stored.
+    framed[13].0 = &ids[13];
+    let whole = frame(&framed);
+    let resp = post(whole[..whole.len() - 10].to_vec()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(missing(ids.clone()).await, 20);
+
+    // Over the batch limit: refused before it is all read.
+    let big = vec![0u8; 4 << 20];
+    let big_id = sha_hex(&big);
+    let oversized: Vec<(&str, &[u8])> = (0..5).map(|_| (big_id.as_str(), &big[..])).collect();
+    let resp = post(frame(&oversized)).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(missing(vec![big_id]).await, 1);
+
+    // The same batch, right: all twenty stored.
+    let resp = post(whole).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["stored"], 20, "{body}");
+    assert_eq!(missing(ids).await, 0);
+}
