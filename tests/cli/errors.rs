@@ -32,16 +32,13 @@ async fn block_with_wrong_hash_is_refused_and_not_stored() {
         .join(&claimed[..2])
         .join(&claimed)
         .exists());
-    let missing: Value = http
-        .post(format!("{}/api/v1/blocks/missing", server.url))
-        .bearer_auth(&tok)
-        .json(&json!({"hashes": [claimed]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let missing = api_post(
+        &server,
+        &tok,
+        "blocks/missing",
+        json!({"hashes": [claimed]}),
+    )
+    .await;
     assert_eq!(missing["missing"], json!([claimed]));
 }
 
@@ -389,19 +386,10 @@ async fn block_batches_are_all_or_nothing() {
             .send()
     };
     let missing = |hashes: Vec<String>| {
-        let tok = tok.clone();
-        let url = format!("{}/api/v1/blocks/missing", server.url);
+        let body = json!({ "hashes": hashes });
+        let (server, tok) = (&server, &tok);
         async move {
-            let v: Value = reqwest::Client::new()
-                .post(url)
-                .bearer_auth(&tok)
-                .json(&json!({ "hashes": hashes }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = api_post(server, tok, "blocks/missing", body).await;
             v["missing"].as_array().unwrap().len()
         }
     };

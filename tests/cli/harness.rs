@@ -327,6 +327,25 @@ pub async fn api_get(server: &Server, tok: &str, route: &str) -> serde_json::Val
         .unwrap()
 }
 
+/// `POST /api/v1/{route}` with a JSON body, answered as JSON, with a bearer token.
+pub async fn api_post(
+    server: &Server,
+    tok: &str,
+    route: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(format!("{}/api/v1/{route}", server.url))
+        .bearer_auth(tok)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Lowercase hex SHA-256 (an implementation independent of dbx's).
 pub fn sha_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
