@@ -316,15 +316,17 @@ pub async fn api_token(server: &Server, user: &str) -> String {
 
 /// `GET /api/v1/{route}` as JSON, with a bearer token.
 pub async fn api_get(server: &Server, tok: &str, route: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{}/api/v1/{route}", server.url))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_answer(
+        reqwest::Client::new()
+            .get(format!("{}/api/v1/{route}", server.url))
+            .bearer_auth(tok),
+    )
+    .await
+}
+
+/// Sends a request and parses the answer as JSON.
+pub async fn json_answer(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 /// `POST /api/v1/{route}` with a JSON body, answered as JSON, with a bearer token.
@@ -334,16 +336,13 @@ pub async fn api_post(
     route: &str,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    reqwest::Client::new()
-        .post(format!("{}/api/v1/{route}", server.url))
-        .bearer_auth(tok)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_answer(
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/{route}", server.url))
+            .bearer_auth(tok)
+            .json(&body),
+    )
+    .await
 }
 
 /// Lowercase hex SHA-256 (an implementation independent of dbx's).

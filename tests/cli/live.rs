@@ -16,17 +16,14 @@ async fn head(server: &Server, tok: &str) -> i64 {
 }
 
 async fn longpoll(url: String, tok: String, cursor: i64, timeout: u64) -> Value {
-    reqwest::Client::new()
-        .get(format!(
-            "{url}/api/v1/longpoll?cursor={cursor}&timeout={timeout}"
-        ))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_answer(
+        reqwest::Client::new()
+            .get(format!(
+                "{url}/api/v1/longpoll?cursor={cursor}&timeout={timeout}"
+            ))
+            .bearer_auth(tok),
+    )
+    .await
 }
 
 async fn mkdir(server: &Server, tok: &str, path: &str) {
