@@ -603,6 +603,7 @@ pub async fn run(
     index
         .save_remote(ROOT_NS, &remote_ops, cursor, &info.epoch)
         .await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), rows = remote_ops.len(), "remote tree saved");
     // Leftovers of a run that was killed mid-download: never synced, safe to drop; partial
     // big files are kept while this run still downloads them (it resumes from them).
     let wanted: HashSet<String> = plan
@@ -682,6 +683,7 @@ pub async fn run(
     } = ctx;
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ops).await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), rows = ops.len(), "index entries written");
     // What this run committed goes into the stored remote tree now. The cursor moves over the
     // journal rows right after it that this run wrote and knows (its commits); any other row
     // is read next time (rows of this run among them cost no write then).
