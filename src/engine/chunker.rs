@@ -164,15 +164,34 @@ pub fn digest_reader<R: Read + Send>(
 /// files of a typical tree, a pipeline's threads and buffers would cost more than the hashing.
 pub const SMALL_FILE: u64 = 4 << 20;
 
+/// A file opened to be hashed: a small one read whole, a large one to be streamed.
+pub enum Opened {
+    Small(Vec<u8>),
+    Large(File),
+}
+
+/// Opens a file to be hashed, reading it whole if it is at most [`SMALL_FILE`] bytes.
+pub fn open_to_digest(path: &Path) -> io::Result<Opened> {
+    let mut file = File::open(path)?;
+    if file.metadata()?.len() > SMALL_FILE {
+        return Ok(Opened::Large(file));
+    }
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)?;
+    Ok(Opened::Small(data))
+}
+
+/// Chunks and hashes a large file, streaming it (see [`digest_reader`]).
+pub fn digest_large(file: File, params: ChunkParams, known: &KnownBlocks) -> io::Result<Digest> {
+    digest_reader(BufReader::with_capacity(1 << 20, file), params, known)
+}
+
 /// Chunks and hashes a file, streaming it (small files: in one read, without fingerprints).
 pub fn digest_file(path: &Path, params: ChunkParams, known: &KnownBlocks) -> io::Result<Digest> {
-    let mut file = File::open(path)?;
-    if file.metadata()?.len() <= SMALL_FILE {
-        let mut data = Vec::new();
-        file.read_to_end(&mut data)?;
-        return Ok(digest_bytes(&data, params));
+    match open_to_digest(path)? {
+        Opened::Small(data) => Ok(digest_bytes(&data, params)),
+        Opened::Large(file) => digest_large(file, params, known),
     }
-    digest_reader(BufReader::with_capacity(1 << 20, file), params, known)
 }
 
 /// Chunks and hashes bytes in memory, on the calling thread.

@@ -48,11 +48,11 @@ const UPLOAD_WINDOW: usize = 1024;
 /// Upload chunks under way at once: one committing while the next one's blocks travel.
 const UPLOAD_CHUNKS_IN_FLIGHT: usize = 2;
 /// Files this small download many to a request.
-const SMALL_BLOCK: usize = 1 << 20;
+const DOWNLOAD_SMALL_FILE: usize = 1 << 20;
 /// Bytes of small files per download request.
-const BATCH_BYTES: usize = 4 << 20;
+const DOWNLOAD_BATCH_BYTES: usize = 4 << 20;
 /// Bytes of blocks per upload request: many blocks each, so the server verifies them in
-/// lockstep (see `protocol::block_hashes`); a block over half of it travels alone.
+/// lockstep (see `protocol::block_hashes`).
 const UPLOAD_BATCH_BYTES: usize = 8 << 20;
 /// Files downloaded at once, and block requests in flight per big file (each ≤ 16 MiB).
 const DOWNLOAD_FILES_PARALLELISM: usize = 2;
@@ -437,20 +437,18 @@ pub async fn run(
     let t0 = std::time::Instant::now();
     // The scan runs on its own thread while the index and the server's changes are read.
     let root = folder.root.clone();
-    let scanning = Scanning::Running(tokio::task::spawn_blocking(move || scanner::scan(&root)));
+    let mut scanning = Scanning::Running(tokio::task::spawn_blocking(move || scanner::scan(&root)));
     let index = Index::open(&folder.index_path(), true).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "index opened");
     let direction = direction_name(opts.direction);
-    let mut scanning = Some(scanning);
     if index.is_settled(direction, &remote_root).await? {
-        let scan = scanning.take().expect("not taken yet");
-        match settled_run(&index, remote, &info.epoch, &folder.root, scan, opts).await? {
+        match settled_run(&index, remote, &info.epoch, &folder.root, scanning, opts).await? {
             Settled::NothingToDo(report) => {
                 tracing::debug!(elapsed = ?t0.elapsed(), "settled: nothing changed since the last run");
                 index.close().await;
                 return Ok(report);
             }
-            Settled::Changed(scan) => scanning = Some(scan),
+            Settled::Changed(scan) => scanning = scan,
         }
     }
     let (mut remote_tree, remote_ops, cursor, replaced) =
@@ -466,7 +464,7 @@ pub async fn run(
     };
     tracing::debug!(elapsed = ?t0.elapsed(), "index loaded");
 
-    let scan = scanning.expect("a scan").finish(&folder.root).await?;
+    let scan = scanning.finish(&folder.root).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "scanned");
 
     // A file that vanished from the index's view and reappeared elsewhere with the same inode,
@@ -696,17 +694,7 @@ pub async fn run(
         // The state this run leaves, as the next run would load it: if that run would have
         // nothing to do, say so in the index, so it can stop early (see `settled_run`).
         apply_ops(&mut synced, ops);
-        for op in remote_ops {
-            match op {
-                RemoteOp::Clear => remote_tree.clear(),
-                RemoteOp::Put(p, e) => {
-                    remote_tree.insert(p, e);
-                }
-                RemoteOp::Remove(p) => {
-                    remote_tree.remove(&p);
-                }
-            }
-        }
+        apply_remote_ops(&mut remote_tree, remote_ops);
         let unchanged_local = synced
             .iter()
             .map(|(p, s)| {
@@ -765,6 +753,21 @@ fn apply_ops(tree: &mut SyncedTree, ops: Vec<IndexOp>) {
                 tree.insert(p, e);
             }
             IndexOp::Remove(p) => {
+                tree.remove(&p);
+            }
+        }
+    }
+}
+
+/// Applies remote-tree ops to an in-memory tree, as `Index::save_remote` does to the stored one.
+fn apply_remote_ops(tree: &mut RemoteTree, ops: Vec<RemoteOp>) {
+    for op in ops {
+        match op {
+            RemoteOp::Clear => tree.clear(),
+            RemoteOp::Put(p, e) => {
+                tree.insert(p, e);
+            }
+            RemoteOp::Remove(p) => {
                 tree.remove(&p);
             }
         }
@@ -919,20 +922,11 @@ fn digest_files(
     let mut out = Vec::with_capacity(files.len());
     let mut read: Vec<(String, Vec<u8>)> = Vec::with_capacity(files.len());
     for (path, known) in files {
-        let full = root.join(&path);
-        let whole = std::fs::File::open(&full).and_then(|mut f| {
-            if f.metadata()?.len() > chunker::SMALL_FILE {
-                return Ok(None);
-            }
-            let mut data = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut data)?;
-            Ok(Some(data))
-        });
-        match whole {
-            Ok(Some(data)) => read.push((path, data)),
+        match chunker::open_to_digest(&root.join(&path)) {
+            Ok(chunker::Opened::Small(data)) => read.push((path, data)),
             // Big (or grown since the scan): streamed on its own.
-            Ok(None) => {
-                let d = chunker::digest_file(&full, params, &known);
+            Ok(chunker::Opened::Large(file)) => {
+                let d = chunker::digest_large(file, params, &known);
                 out.push((path, d));
             }
             Err(e) => out.push((path, Err(e))),
@@ -986,8 +980,8 @@ struct ChunkUploaded {
     )>,
 }
 
-/// The requests that send `missing` blocks: small blocks many to a request (one durable write
-/// on the server for all of them), large ones one per request.
+/// The requests that send `missing` blocks: many to a request, up to [`UPLOAD_BATCH_BYTES`]
+/// (one durable write and one lockstep verification on the server for all of them).
 fn upload_jobs(
     root: &Path,
     scan: &Scan,
@@ -1002,10 +996,6 @@ fn upload_jobs(
         // its blocks are re-hashed on read instead of trusting the stat.
         let scanned = scan.tree.get(*p).filter(|l| index_mtime(l) != i64::MIN);
         let job = (p.to_string(), root.join(p), (*b).clone(), scanned.cloned());
-        if b.len as usize > UPLOAD_BATCH_BYTES / 2 {
-            jobs.push(vec![job]);
-            continue;
-        }
         if batch_bytes + b.len as usize > UPLOAD_BATCH_BYTES
             || batch.len() == protocol::MAX_BATCH_BLOCKS
         {
@@ -1664,14 +1654,15 @@ impl Apply<'_> {
         // Small files whose blocks are not on disk already come many to a request, and are
         // made durable together (one filesystem sync); others one by one, blocks in flight.
         let (small, large): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, e, _)| {
-            e.size as usize <= SMALL_BLOCK && e.blocks.iter().all(|h| !sources.contains_key(h))
+            e.size as usize <= DOWNLOAD_SMALL_FILE
+                && e.blocks.iter().all(|h| !sources.contains_key(h))
         });
         let mut groups: Vec<Vec<(String, protocol::Entry, Option<LocalEntry>)>> = Vec::new();
         let (mut group, mut group_bytes, mut group_blocks) = (Vec::new(), 0usize, 0usize);
         for job in small {
             let (bytes, blocks) = (job.1.size as usize, job.1.blocks.len());
             if !group.is_empty()
-                && (group_bytes + bytes > BATCH_BYTES
+                && (group_bytes + bytes > DOWNLOAD_BATCH_BYTES
                     || group_blocks + blocks > protocol::MAX_BATCH_BLOCKS)
             {
                 groups.push(std::mem::take(&mut group));
