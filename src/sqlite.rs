@@ -74,3 +74,50 @@ pub async fn open(
     migrator.run(&pool).await?;
     Ok(pool)
 }
+
+/// One bound value of a multi-row insert ([`insert_rows`]).
+pub enum Param {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+/// Rows per statement of [`insert_rows`]: one hand-off to sqlx's worker thread for this many
+/// rows, and (at up to 30 columns) under SQLite's limit of 32,766 bound parameters.
+pub const ROWS_PER_INSERT: usize = 1000;
+
+/// `{head} VALUES (…), (…), … {tail}` with every value bound, [`ROWS_PER_INSERT`] rows per
+/// statement, in order; `head` is the `INSERT … INTO table (columns)` part, `tail` an optional
+/// `ON CONFLICT …` clause. Twice as fast as one JSON array per statement taken apart by
+/// `json_each` and `->>`, which re-parse each row's text once per column.
+pub async fn insert_rows(
+    tx: &mut sqlx::SqliteConnection,
+    head: &str,
+    tail: &str,
+    rows: Vec<Vec<Param>>,
+) -> Result<(), sqlx::Error> {
+    let Some(width) = rows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    debug_assert!(width * ROWS_PER_INSERT <= 32_766);
+    let one = format!("({})", vec!["?"; width].join(","));
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<Param>> = rows.by_ref().take(ROWS_PER_INSERT).collect();
+        let sql = format!(
+            "{head} VALUES {} {tail}",
+            vec![one.as_str(); chunk.len()].join(",")
+        );
+        // Not kept prepared: each row count is its own statement text.
+        let mut q = sqlx::query(&sql).persistent(false);
+        for value in chunk.into_iter().flatten() {
+            q = match value {
+                Param::Int(i) => q.bind(i),
+                Param::Text(t) => q.bind(t),
+                Param::Null => q.bind(None::<String>),
+            };
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use sqlx::{Row, SqlitePool};
 
+use crate::sqlite::{insert_rows, Param};
+
 use super::chunker::Fingerprint;
 use super::scanner::LocalEntry;
 use crate::protocol::{Entry, EntryKind};
@@ -81,49 +83,6 @@ const LOAD_PAGE: i64 = 10_000;
 fn parse_kind(kind: &str) -> Result<EntryKind, sqlx::Error> {
     EntryKind::parse(kind)
         .ok_or_else(|| sqlx::Error::Decode(format!("bad kind {kind:?} in the index").into()))
-}
-
-/// One bound value of a multi-row insert.
-enum Param {
-    Int(i64),
-    Text(String),
-    Null,
-}
-
-/// Rows per `INSERT` statement: one hand-off to sqlx's worker thread for this many rows, and
-/// well under SQLite's limit of 32,766 bound parameters.
-const ROWS_PER_INSERT: usize = 1000;
-
-/// `INSERT OR REPLACE INTO {into} VALUES (…), (…), …` with every value bound, in statements of
-/// [`ROWS_PER_INSERT`] rows, in order. (Twice as fast as one JSON array per statement taken
-/// apart by `json_each`, which re-parses each row's text once per column.)
-async fn insert_rows(
-    tx: &mut sqlx::SqliteConnection,
-    into: &str,
-    rows: Vec<Vec<Param>>,
-) -> Result<(), sqlx::Error> {
-    let Some(width) = rows.first().map(Vec::len) else {
-        return Ok(());
-    };
-    let one = format!("({})", vec!["?"; width].join(","));
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Param>> = rows.by_ref().take(ROWS_PER_INSERT).collect();
-        let sql = format!(
-            "INSERT OR REPLACE INTO {into} VALUES {}",
-            vec![one.as_str(); chunk.len()].join(",")
-        );
-        let mut q = sqlx::query(&sql);
-        for value in chunk.into_iter().flatten() {
-            q = match value {
-                Param::Int(i) => q.bind(i),
-                Param::Text(t) => q.bind(t),
-                Param::Null => q.bind(None::<String>),
-            };
-        }
-        q.execute(&mut *tx).await?;
-    }
-    Ok(())
 }
 
 /// Forgets every settled direction: the index or the stored remote tree is about to change.
@@ -295,8 +254,9 @@ impl Index {
                 }
                 insert_rows(
                     &mut tx,
-                    "entries (path, ns, kind, size, mtime_ns, inode, executable, content_hash,
+                    "INSERT OR REPLACE INTO entries (path, ns, kind, size, mtime_ns, inode, executable, content_hash,
                        blocks, block_lens, block_fps, rev)",
+                    "",
                     rows,
                 )
                 .await?;
@@ -408,8 +368,9 @@ impl Index {
                         .collect();
                     insert_rows(
                         &mut tx,
-                        "remote_entries (ns, path, kind, rev, size, content_hash, blocks, mtime,
-                           executable)",
+                        "INSERT OR REPLACE INTO remote_entries (ns, path, kind, rev, size,
+                           content_hash, blocks, mtime, executable)",
+                        "",
                         rows,
                     )
                     .await?;

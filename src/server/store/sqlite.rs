@@ -14,6 +14,7 @@ use super::{Actor, Committed, MetaStore, StoreError, StoreResult, User};
 use crate::protocol::{
     self, CommitRequest, Entry, EntryKind, JournalEntry, JournalOp, MAX_MISSING_BATCH,
 };
+use crate::sqlite::{insert_rows, Param};
 
 const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
     (
@@ -171,9 +172,7 @@ struct Current {
     executable: bool,
 }
 
-/// One journal row of a batched commit, and the `files` row it leaves behind: the same fields,
-/// so one JSON array feeds both inserts.
-#[derive(serde::Serialize)]
+/// One journal row of a batched commit, and the `files` row it leaves behind: the same fields.
 struct NewRow<'a> {
     id: i64,
     op: &'static str,
@@ -785,39 +784,62 @@ impl SqliteStore {
     ) -> StoreResult<()> {
         let now = now();
         if !rows.is_empty() {
-            let rows = to_json(rows)?;
-            sqlx::query(
+            let journal = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        Param::Int(ns),
+                        Param::Int(r.id),
+                        Param::Text(r.op.to_string()),
+                        Param::Text(r.path.to_string()),
+                        Param::Null,
+                        Param::Text(r.kind.to_string()),
+                        Param::Int(r.size),
+                        r.content_hash
+                            .map_or(Param::Null, |h| Param::Text(h.to_string())),
+                        Param::Text(r.blocks.clone()),
+                        Param::Int(r.mtime),
+                        Param::Int(r.executable),
+                        Param::Int(actor.user_id),
+                        actor.device.clone().map_or(Param::Null, Param::Text),
+                        Param::Int(now),
+                    ]
+                })
+                .collect();
+            insert_rows(
+                &mut *tx,
                 "INSERT INTO journal (ns, id, op, path, old_path, kind, size, content_hash, blocks,
-                                      mtime, executable, user_id, device, created_at)
-                 SELECT ?1, value ->> 'id', value ->> 'op', value ->> 'path', NULL,
-                        value ->> 'kind', value ->> 'size', value ->> 'content_hash',
-                        value ->> 'blocks', value ->> 'mtime', value ->> 'executable',
-                        ?2, ?3, ?4
-                 FROM json_each(?5)",
+                                      mtime, executable, user_id, device, created_at)",
+                "",
+                journal,
             )
-            .bind(ns)
-            .bind(actor.user_id)
-            .bind(actor.device.as_deref())
-            .bind(now)
-            .bind(&rows)
-            .execute(&mut *tx)
             .await?;
-            // `WHERE true` tells SQLite's parser that ON CONFLICT starts the upsert clause,
-            // not a join constraint.
-            sqlx::query(
+            let files = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        Param::Int(ns),
+                        Param::Text(r.path.to_string()),
+                        Param::Text(r.kind.to_string()),
+                        Param::Int(r.id),
+                        Param::Int(r.size),
+                        r.content_hash
+                            .map_or(Param::Null, |h| Param::Text(h.to_string())),
+                        Param::Text(r.blocks.clone()),
+                        Param::Int(r.mtime),
+                        Param::Int(r.executable),
+                    ]
+                })
+                .collect();
+            insert_rows(
+                &mut *tx,
                 "INSERT INTO files (ns, path, kind, rev, size, content_hash, blocks, mtime,
-                                    executable)
-                 SELECT ?1, value ->> 'path', value ->> 'kind', value ->> 'id', value ->> 'size',
-                        value ->> 'content_hash', value ->> 'blocks', value ->> 'mtime',
-                        value ->> 'executable'
-                 FROM json_each(?2) WHERE true
-                 ON CONFLICT (ns, path) DO UPDATE SET rev = excluded.rev, size = excluded.size,
+                                    executable)",
+                "ON CONFLICT (ns, path) DO UPDATE SET rev = excluded.rev, size = excluded.size,
                    content_hash = excluded.content_hash, blocks = excluded.blocks,
                    mtime = excluded.mtime, executable = excluded.executable",
+                files,
             )
-            .bind(ns)
-            .bind(&rows)
-            .execute(&mut *tx)
             .await?;
             sqlx::query("UPDATE namespaces SET head = ? WHERE id = ?")
                 .bind(head)
@@ -826,14 +848,18 @@ impl SqliteStore {
                 .await?;
         }
         if !referenced.is_empty() {
-            let referenced = to_json(referenced)?;
-            sqlx::query(
-                "INSERT OR IGNORE INTO ns_blocks (ns, hash) SELECT ?, value FROM json_each(?)",
+            let pairs = referenced
+                .iter()
+                .map(|h| vec![Param::Int(ns), Param::Text(h.to_string())])
+                .collect();
+            insert_rows(
+                &mut *tx,
+                "INSERT OR IGNORE INTO ns_blocks (ns, hash)",
+                "",
+                pairs,
             )
-            .bind(ns)
-            .bind(&referenced)
-            .execute(&mut *tx)
             .await?;
+            let referenced = to_json(referenced)?;
             // Garbage collection spares blocks referenced after it began.
             sqlx::query(
                 "UPDATE blocks SET last_ref = ? WHERE hash IN (SELECT value FROM json_each(?))",
@@ -1073,33 +1099,41 @@ impl MetaStore for SqliteStore {
         if blocks.is_empty() {
             return Ok(());
         }
-        // Callers pass block ids they hashed or checked (hex), so JSON carries them unchanged.
-        let json = to_json(
-            &blocks
-                .iter()
-                .map(|(hash, size)| (hash.as_str(), *size as i64))
-                .collect::<Vec<_>>(),
-        )?;
         let now = now();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO blocks (hash, size, created_at)
-             SELECT value ->> 0, value ->> 1, ?1 FROM json_each(?2)",
+        let rows = blocks
+            .iter()
+            .map(|(hash, size)| {
+                vec![
+                    Param::Text(hash.clone()),
+                    Param::Int(*size as i64),
+                    Param::Int(now),
+                ]
+            })
+            .collect();
+        insert_rows(
+            &mut tx,
+            "INSERT OR IGNORE INTO blocks (hash, size, created_at)",
+            "",
+            rows,
         )
-        .bind(now)
-        .bind(&json)
-        .execute(&mut *tx)
         .await?;
-        // `WHERE true`: see `commit_fast_in`.
-        sqlx::query(
-            "INSERT INTO uploads (user_id, hash, uploaded_at)
-             SELECT ?1, value ->> 0, ?2 FROM json_each(?3) WHERE true
-             ON CONFLICT (user_id, hash) DO UPDATE SET uploaded_at = excluded.uploaded_at",
+        let rows = blocks
+            .iter()
+            .map(|(hash, _)| {
+                vec![
+                    Param::Int(user_id),
+                    Param::Text(hash.clone()),
+                    Param::Int(now),
+                ]
+            })
+            .collect();
+        insert_rows(
+            &mut tx,
+            "INSERT INTO uploads (user_id, hash, uploaded_at)",
+            "ON CONFLICT (user_id, hash) DO UPDATE SET uploaded_at = excluded.uploaded_at",
+            rows,
         )
-        .bind(user_id)
-        .bind(now)
-        .bind(&json)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())
