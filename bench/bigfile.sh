@@ -9,7 +9,7 @@
 set -euo pipefail
 GIB=${1:-10}; W=${2:-/tmp/dbx-bigfile}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DBX=$ROOT/target/release/dbx
+DBX=${DBX:-$ROOT/target/release/dbx}
 [ -x "$DBX" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 rm -rf "$W"; mkdir -p "$W/src" "$W/dst"
 export HOME=$W/home XDG_CONFIG_HOME=$W/home/config DBX_KEYRING=file

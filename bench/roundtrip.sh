@@ -10,7 +10,7 @@
 set -euo pipefail
 BIG=${1:-512}; N=${2:-20000}; W=${3:-/tmp/dbx-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DBX=$ROOT/target/release/dbx
+DBX=${DBX:-$ROOT/target/release/dbx}
 MKDATA=${MKDATA:-$ROOT/../shared/bench/mkdata.py}
 [ -x "$DBX" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 [ -f "$MKDATA" ] || { echo "no dataset generator at $MKDATA (set MKDATA)" >&2; exit 2; }

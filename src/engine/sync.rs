@@ -1897,17 +1897,45 @@ struct BlockSource<'a> {
 }
 
 impl BlockSource<'_> {
-    /// Blocks fetched per request: lockstep verification wants many at once (see
-    /// `protocol::block_hashes`); the server's batch limit caps their bytes.
-    fn per_fetch(&self) -> usize {
-        (protocol::MAX_BATCH_BYTES / self.max_block.max(1) as usize).clamp(1, 16)
+    /// Blocks fetched per request for `entry`: lockstep verification wants many at once (see
+    /// `protocol::block_hashes`), the server's batch limit caps their bytes. Block sizes are
+    /// not known before they arrive, so this counts on the file's average block plus a quarter
+    /// (random data: ~10 blocks of ~1.2 MiB); a request the server still finds too large is
+    /// split (see [`BlockSource::fetch_remote`]).
+    fn per_fetch(&self, entry: &protocol::Entry) -> usize {
+        let average = entry.size / entry.blocks.len().max(1) as u64;
+        let expected = (average + average / 4).clamp(1, u64::from(self.max_block.max(1)));
+        (protocol::MAX_BATCH_BYTES as u64 / expected).clamp(1, 16) as usize
+    }
+
+    /// Blocks from the server, in order: in one request, or, when the server finds that too
+    /// large (413), in halves of it, down to one block at a time.
+    async fn fetch_remote(&self, hashes: &[String]) -> Result<Vec<bytes::Bytes>, EngineError> {
+        let mut out = Vec::with_capacity(hashes.len());
+        // Parts still to fetch, the next on top.
+        let mut parts = vec![hashes];
+        while let Some(part) = parts.pop() {
+            match self.remote.fetch_blocks(part).await {
+                Err(RemoteError::Refused { status: 413, .. }) if part.len() > 1 => {
+                    tracing::debug!(blocks = part.len(), "too large for one request; split");
+                    let (first, rest) = part.split_at(part.len() / 2);
+                    parts.push(rest);
+                    parts.push(first);
+                }
+                Err(RemoteError::Refused { status: 413, .. }) => {
+                    out.push(self.remote.get_block(&part[0]).await?);
+                }
+                other => out.extend(other?),
+            }
+        }
+        Ok(out)
     }
 
     /// Blocks, in order: each from an unchanged local file that holds it (re-verified), else
     /// from the server, those in one request (or one by one if the server finds it too
     /// large). With each, whether it was reused from a local file.
     async fn fetch(&self, hashes: &[String]) -> Result<Vec<(bytes::Bytes, bool)>, EngineError> {
-        let (root, remote) = (self.root, self.remote);
+        let root = self.root;
         let mut out: Vec<Option<(bytes::Bytes, bool)>> = vec![None; hashes.len()];
         for (slot, hash) in out.iter_mut().zip(hashes) {
             if let Some((path, block)) = self.sources.get(hash) {
@@ -1924,16 +1952,7 @@ impl BlockSource<'_> {
             .filter(|(_, slot)| slot.is_none())
             .map(|(h, _)| h.clone())
             .collect();
-        let fetched = match remote.fetch_blocks(&wanted).await {
-            Err(RemoteError::Refused { status: 413, .. }) => {
-                let mut one_by_one = Vec::with_capacity(wanted.len());
-                for hash in &wanted {
-                    one_by_one.push(remote.get_block(hash).await?);
-                }
-                one_by_one
-            }
-            other => other?,
-        };
+        let fetched = self.fetch_remote(&wanted).await?;
         let mut fetched = fetched.into_iter();
         Ok(out
             .into_iter()
@@ -2010,7 +2029,7 @@ async fn download_one(
         i += 1;
     }
     file.seek(SeekFrom::Start(offset)).map_err(io_at(&part))?;
-    let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch()))
+    let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch(entry)))
         .map(|hashes| source.fetch(hashes))
         .buffered(DOWNLOAD_FETCHES_IN_FLIGHT);
     let mut received = offset;

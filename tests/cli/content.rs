@@ -314,6 +314,38 @@ fn edits_of_big_files_round_trip_on_every_path() {
     assert_eq!(listing["entries"][0]["size"], data.len());
 }
 
+/// A big file's blocks download many to a request, as many as its average block suggests fit
+/// the server's limit; where bigger blocks cluster (a run of zeros makes blocks of the largest
+/// size), the server refuses the request (413) and the client asks in halves.
+#[test]
+fn blocks_larger_than_the_average_download_in_smaller_requests() {
+    let server = Server::start();
+    let (a, b) = two_devices(&server);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut data = vec![0u8; 24 << 20];
+    data.extend(Rng::new(91).bytes(16 << 20));
+    write_file(&da.path().join("disk.img"), &data);
+    a.init(da.path());
+    b.init(db.path());
+    a.ok(da.path(), &["push"]);
+    let out = b
+        .cmd(db.path())
+        .args(["--json", "pull"])
+        .env("RUST_LOG", "dbx=debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("too large for one request; split"),
+        "{}",
+        stderr(&out)
+    );
+    let report = parse_json(&out);
+    assert_eq!(report["files_downloaded"], 1, "{report}");
+    let got = std::fs::read(db.path().join("disk.img")).unwrap();
+    assert_eq!(sha_hex(&got), sha_hex(&data));
+}
+
 /// A push goes in chunks, each committed on its own: killed after some chunks committed, the
 /// next push commits only the rest, and the server ends up with exactly the local tree.
 #[tokio::test]
