@@ -53,7 +53,7 @@ complete -c dbx -n "__fish_dbx_using_subcommand serve" -s C -l dir -d 'Act on th
 complete -c dbx -n "__fish_dbx_using_subcommand serve" -l json -d 'Print one JSON document on stdout (JSON lines for streams)'
 complete -c dbx -n "__fish_dbx_using_subcommand serve" -s q -l quiet -d 'Print only errors'
 complete -c dbx -n "__fish_dbx_using_subcommand serve" -s v -l verbose -d 'Print more detail (repeat for debug logs)'
-complete -c dbx -n "__fish_dbx_using_subcommand serve" -s h -l help -d 'Print help'
+complete -c dbx -n "__fish_dbx_using_subcommand serve" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dbx -n "__fish_dbx_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and not __fish_seen_subcommand_from user gc fsck help" -l data -d 'The server\'s data directory' -r -F
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and not __fish_seen_subcommand_from user gc fsck help" -s C -l dir -d 'Act on the synced folder holding DIR instead of the current directory' -r -F

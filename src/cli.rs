@@ -58,6 +58,9 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: block store, metadata and journal
+    ///
+    /// On Linux with glibc the server runs with `MALLOC_ARENA_MAX=2` (fewer malloc arenas keep
+    /// less freed memory) unless `MALLOC_ARENA_MAX` is set.
     Serve(ServeArgs),
     /// Administer a server's users (acts on the data directory directly)
     Admin(AdminArgs),

@@ -67,6 +67,14 @@ impl Server {
         Server { child, url, data }
     }
 
+    /// The server process's environment (Linux: `/proc/PID/environ`), as `NAME=value` items.
+    pub fn environment(&self) -> Vec<String> {
+        let raw = std::fs::read(format!("/proc/{}/environ", self.child.id())).unwrap();
+        raw.split(|&b| b == 0)
+            .map(|item| String::from_utf8_lossy(item).into_owned())
+            .collect()
+    }
+
     /// Stops the server, keeping its data directory.
     pub fn stop(mut self) -> TempDir {
         let _ = self.child.kill();

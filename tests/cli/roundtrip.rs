@@ -205,3 +205,16 @@ fn names_are_exact_bytes_case_renames_and_unicode_forms() {
     assert_eq!(std::fs::read(b.join("README.md")).unwrap(), b"read me");
     assert_same(&digest_tree(&b), &digest_tree(&a));
 }
+
+/// The server runs with two malloc arenas (glibc keeps freed memory per arena, and its threads
+/// would otherwise use up to 8 per core; see `limit_malloc_arenas`), unless told otherwise.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn the_server_limits_its_malloc_arenas() {
+    let server = Server::start();
+    let env = server.environment();
+    assert!(env.iter().any(|v| v == "MALLOC_ARENA_MAX=2"), "{env:?}");
+    // Still the server that answers, after running itself again.
+    let dev = Client::new();
+    dev.login(&server, "alice");
+}
