@@ -602,6 +602,8 @@ pub async fn run(
         .save_remote(ROOT_NS, &remote_ops, cursor, &info.epoch)
         .await?;
     tracing::debug!(elapsed = ?t0.elapsed(), rows = remote_ops.len(), "remote tree saved");
+    // After a full listing these are a copy of the whole tree: not kept through the transfers.
+    drop(remote_ops);
     // Leftovers of a run that was killed mid-download: never synced, safe to drop; partial
     // big files are kept while this run still downloads them (it resumes from them).
     let wanted: HashSet<String> = plan
@@ -1785,13 +1787,15 @@ async fn download_group(
         for (path, entry, expected) in group {
             let bytes: Vec<bytes::Bytes> = blocks.by_ref().take(entry.blocks.len()).collect();
             let r = stage_file(&root, &path, &entry, &bytes);
-            staged.push((path, entry, expected, bytes, r));
+            // Written: only the lengths are kept through the sync, not the bytes.
+            let lens: Vec<u32> = bytes.iter().map(|b| b.len() as u32).collect();
+            staged.push((path, entry, expected, lens, r));
         }
         // One sync makes every staged file durable; then each rename.
         let synced = File::open(&root).and_then(|d| rustix::fs::syncfs(d).map_err(Into::into));
         staged
             .into_iter()
-            .map(|(path, entry, expected, bytes, r)| {
+            .map(|(path, entry, expected, lens, r)| {
                 let dest = root.join(&path);
                 let r = match (r, &synced) {
                     (Err(e), _) => Err(e),
@@ -1806,10 +1810,10 @@ async fn download_group(
                                 .map_err(|e| io_at(&dest)(e.error))
                                 .map(|_| {
                                     Some(Downloaded {
-                                        blocks_fetched: bytes.len() as u64,
-                                        bytes_fetched: bytes.iter().map(|b| b.len() as u64).sum(),
+                                        blocks_fetched: lens.len() as u64,
+                                        bytes_fetched: lens.iter().map(|&l| u64::from(l)).sum(),
                                         bytes_reused: 0,
-                                        block_lens: bytes.iter().map(|b| b.len() as u32).collect(),
+                                        block_lens: lens,
                                         block_fps: Vec::new(),
                                     })
                                 })
