@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
 
 use fastcdc::v2020::{Error as CdcError, StreamCDC};
 
@@ -73,10 +74,69 @@ pub fn digest_reader<R: Read + Send>(
     params: ChunkParams,
     known: &KnownBlocks,
 ) -> io::Result<Digest> {
-    use std::sync::mpsc;
-    use std::sync::Mutex;
+    digest_reader_into(reader, params, known, None, &|_| true)
+}
 
-    type Batch = Vec<(usize, u64, Vec<u8>)>;
+/// How many batches of a file may exist at once, from the moment the cutting starts one until
+/// the last holder of its bytes (say, an upload) drops it: a [`BatchPermit`] travels with each.
+pub struct BatchBudget {
+    give: mpsc::SyncSender<()>,
+    take: Mutex<mpsc::Receiver<()>>,
+}
+
+impl BatchBudget {
+    pub fn new(batches: usize) -> Arc<BatchBudget> {
+        let (give, take) = mpsc::sync_channel(batches);
+        for _ in 0..batches {
+            let _ = give.send(());
+        }
+        Arc::new(BatchBudget {
+            give,
+            take: Mutex::new(take),
+        })
+    }
+
+    /// Waits for a batch to be let go if the budget is spent.
+    fn permit(self: &Arc<Self>) -> BatchPermit {
+        // The budget holds both ends of its channel, so `recv` returns once a permit is back.
+        if let Ok(take) = self.take.lock() {
+            let _ = take.recv();
+        }
+        BatchPermit(Some(self.clone()))
+    }
+}
+
+/// One batch's share of a [`BatchBudget`], given back when dropped.
+pub struct BatchPermit(Option<Arc<BatchBudget>>);
+
+impl Drop for BatchPermit {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.0 {
+            let _ = budget.give.try_send(());
+        }
+    }
+}
+
+/// Hashed blocks with their bytes, as a batch leaves a hashing thread (not in file order).
+pub struct HashedBatch {
+    pub blocks: Vec<(BlockRef, bytes::Bytes)>,
+    _permit: BatchPermit,
+}
+
+/// [`digest_reader`], handing each hashed batch with its bytes to `sink` (from the hashing
+/// threads, as batches complete: not in file order); `sink` returning false stops the reading
+/// (the digest is then incomplete: callers that stop discard it). With a `budget`, the cutting
+/// waits while that many batches exist (being cut, hashed, or held by whoever `sink` gave
+/// them to), so memory stays bounded whatever the file's size.
+pub fn digest_reader_into<R: Read + Send>(
+    reader: R,
+    params: ChunkParams,
+    known: &KnownBlocks,
+    budget: Option<&Arc<BatchBudget>>,
+    sink: &(dyn Fn(HashedBatch) -> bool + Sync),
+) -> io::Result<Digest> {
+    type Batch = (Vec<(usize, u64, Vec<u8>)>, BatchPermit);
+    let new_permit = || budget.map_or(BatchPermit(None), BatchBudget::permit);
     let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(0);
     let batch_rx = Mutex::new(batch_rx);
     let (done_tx, done_rx) = mpsc::channel::<Vec<(usize, BlockRef)>>();
@@ -88,7 +148,7 @@ pub fn digest_reader<R: Read + Send>(
             let batch_rx = &batch_rx;
             s.spawn(move || loop {
                 let next = batch_rx.lock().map(|rx| rx.recv());
-                let Ok(Ok(batch)) = next else {
+                let Ok(Ok((batch, permit))) = next else {
                     return;
                 };
                 let fps: Vec<Fingerprint> = batch.iter().map(|(_, _, d)| fingerprint(d)).collect();
@@ -107,44 +167,54 @@ pub fn digest_reader<R: Read + Send>(
                 for id in ids.iter_mut().filter(|id| id.is_none()) {
                     *id = hashed.next();
                 }
-                let blocks = batch
-                    .iter()
+                let (blocks, hashed): (Vec<(usize, BlockRef)>, Vec<_>) = batch
+                    .into_iter()
                     .zip(fps)
                     .zip(ids)
                     .map(|(((i, offset, data), fp), hash)| {
                         let block = BlockRef {
                             hash: hash.unwrap_or_default(),
-                            offset: *offset,
+                            offset,
                             len: data.len() as u32,
                             fp: Some(fp),
                         };
-                        (*i, block)
+                        ((i, block.clone()), (block, bytes::Bytes::from(data)))
                     })
-                    .collect();
-                if done_tx.send(blocks).is_err() {
+                    .unzip();
+                let hashed = HashedBatch {
+                    blocks: hashed,
+                    _permit: permit,
+                };
+                if done_tx.send(blocks).is_err() || !sink(hashed) {
                     return;
                 }
             });
         }
         drop(done_tx);
-        let mut batch: Batch = Vec::new();
+        let mut batch = Vec::new();
+        let mut permit = None;
         let mut bytes = 0;
         for (i, chunk) in StreamCDC::new(reader, params.min, params.avg, params.max).enumerate() {
             let chunk = chunk.map_err(|e| match e {
                 CdcError::IoError(io) => io,
                 other => io::Error::other(other.to_string()),
             })?;
+            let permit = permit.get_or_insert_with(new_permit);
             bytes += chunk.data.len();
             batch.push((i, chunk.offset, chunk.data));
             if batch.len() == BATCH_CHUNKS || bytes >= BATCH_BYTES {
                 bytes = 0;
-                if batch_tx.send(std::mem::take(&mut batch)).is_err() {
+                let full = (
+                    std::mem::take(&mut batch),
+                    std::mem::replace(permit, new_permit()),
+                );
+                if batch_tx.send(full).is_err() {
                     break;
                 }
             }
         }
         if !batch.is_empty() {
-            let _ = batch_tx.send(batch);
+            let _ = batch_tx.send((batch, permit.unwrap_or_else(new_permit)));
         }
         drop(batch_tx);
         Ok(())
@@ -424,6 +494,59 @@ mod tests {
         assert!(read_block(&path, first).unwrap().is_some());
         std::fs::write(&path, random_bytes(600_000, 4)).unwrap();
         assert!(read_block(&path, first).unwrap().is_none());
+    }
+
+    /// A streamed digest hands over every block with its bytes, and with a budget never has
+    /// more batches alive than allowed, however slowly their holder lets them go.
+    #[test]
+    fn streamed_batches_carry_the_bytes_and_keep_to_the_budget() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let data = random_bytes(8 << 20, 21);
+        // Small chunks: batches of 16 chunks, ~64 of them.
+        let params = ChunkParams {
+            min: 4 << 10,
+            avg: 8 << 10,
+            max: 16 << 10,
+        };
+        let plain = digest_reader(&data[..], params, &KnownBlocks::new()).unwrap();
+        let (alive, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel::<HashedBatch>();
+        let handed = std::thread::scope(|s| {
+            let holder = s.spawn(|| {
+                let mut seen = Vec::new();
+                for batch in rx {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    for (b, bytes) in &batch.blocks {
+                        let at = b.offset as usize;
+                        assert_eq!(&data[at..at + b.len as usize], &bytes[..]);
+                        seen.push(b.clone());
+                    }
+                    alive.fetch_sub(1, Ordering::SeqCst);
+                }
+                seen
+            });
+            let budget = BatchBudget::new(2);
+            let streamed = digest_reader_into(
+                &data[..],
+                params,
+                &KnownBlocks::new(),
+                Some(&budget),
+                &|batch| {
+                    let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tx.send(batch).is_ok()
+                },
+            )
+            .unwrap();
+            drop(tx);
+            assert_eq!(streamed, plain);
+            holder.join().unwrap()
+        });
+        let mut handed = handed;
+        handed.sort_by_key(|b| b.offset);
+        assert_eq!(handed, plain.blocks);
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&most), "{most} batches alive at once");
     }
 
     #[test]
