@@ -1039,8 +1039,6 @@ fn upload_jobs(
     jobs
 }
 
-/// Sends blocks, [`UPLOAD_PARALLELISM`] requests at a time. Per block: its file, its length,
-/// and whether it was sent (false: the file changed since it was hashed; not sent).
 /// Sends the blocks of a hashed batch the server lacks (one request); returns how many blocks
 /// and bytes were sent.
 async fn send_hashed(
@@ -1077,6 +1075,8 @@ async fn send_hashed(
     Ok(sent)
 }
 
+/// Sends blocks, [`UPLOAD_PARALLELISM`] requests at a time. Per block: its file, its length,
+/// and whether it was sent (false: the file changed since it was hashed; not sent).
 async fn send_blocks(
     remote: &Remote,
     progress: &Arc<dyn Progress>,
