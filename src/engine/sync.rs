@@ -1462,7 +1462,7 @@ impl Apply<'_> {
     /// [`UPLOAD_CHUNKS_IN_FLIGHT`] chunks at a time so the next chunk's blocks travel while this
     /// one commits. A run killed halfway keeps every chunk it committed.
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
-        // Big files planned without a digest go in one pass each, after the chunks.
+        // Big files planned without a digest go in one pass each, before the chunks.
         let scanned_size = |p: &str| self.scan.tree.get(p).map_or(0, |l| l.size);
         let (streamed, files): (Vec<_>, Vec<_>) = files.into_iter().partition(|(p, _)| {
             !self.digests.contains_key(p) && scanned_size(p) >= STREAM_MIN_SIZE
@@ -1531,12 +1531,12 @@ impl Apply<'_> {
             }
             (outcomes, None)
         };
-        // One after the other: at once, their buffers would add up.
-        let (outcomes, failed) = chunked.await;
-        let (streamed, streamed_failed) = if failed.is_none() {
-            one_pass.await
+        // One after the other (at once, their buffers would add up), the big files first.
+        let (streamed, streamed_failed) = one_pass.await;
+        let (outcomes, failed) = if streamed_failed.is_none() {
+            chunked.await
         } else {
-            drop(one_pass);
+            drop(chunked);
             (Vec::new(), None)
         };
         self.progress.finish();
