@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
 
 use fastcdc::v2020::{Error as CdcError, StreamCDC};
 
@@ -74,69 +73,10 @@ pub fn digest_reader<R: Read + Send>(
     params: ChunkParams,
     known: &KnownBlocks,
 ) -> io::Result<Digest> {
-    digest_reader_into(reader, params, known, None, &|_| true)
-}
+    use std::sync::mpsc;
+    use std::sync::Mutex;
 
-/// How many batches of a file may exist at once, from the moment the cutting starts one until
-/// the last holder of its bytes (say, an upload) drops it: a [`BatchPermit`] travels with each.
-pub struct BatchBudget {
-    give: mpsc::SyncSender<()>,
-    take: Mutex<mpsc::Receiver<()>>,
-}
-
-impl BatchBudget {
-    pub fn new(batches: usize) -> Arc<BatchBudget> {
-        let (give, take) = mpsc::sync_channel(batches);
-        for _ in 0..batches {
-            let _ = give.send(());
-        }
-        Arc::new(BatchBudget {
-            give,
-            take: Mutex::new(take),
-        })
-    }
-
-    /// Waits for a batch to be let go if the budget is spent.
-    fn permit(self: &Arc<Self>) -> BatchPermit {
-        // The budget holds both ends of its channel, so `recv` returns once a permit is back.
-        if let Ok(take) = self.take.lock() {
-            let _ = take.recv();
-        }
-        BatchPermit(Some(self.clone()))
-    }
-}
-
-/// One batch's share of a [`BatchBudget`], given back when dropped.
-pub struct BatchPermit(Option<Arc<BatchBudget>>);
-
-impl Drop for BatchPermit {
-    fn drop(&mut self) {
-        if let Some(budget) = &self.0 {
-            let _ = budget.give.try_send(());
-        }
-    }
-}
-
-/// Hashed blocks with their bytes, as a batch leaves a hashing thread (not in file order).
-pub struct HashedBatch {
-    pub blocks: Vec<(BlockRef, bytes::Bytes)>,
-    _permit: BatchPermit,
-}
-
-/// [`digest_reader`], handing each hashed batch with its bytes to `sink` (from the hashing
-/// threads, as batches complete: not in file order); `sink` returning false stops the reading
-/// (the digest is then incomplete: callers that stop discard it). With a `budget`, the cutting
-/// waits while that many batches exist (being cut, hashed, or held by whoever `sink` gave
-/// them to), so memory stays bounded whatever the file's size.
-pub fn digest_reader_into<R: Read + Send>(
-    reader: R,
-    params: ChunkParams,
-    known: &KnownBlocks,
-    budget: Option<&Arc<BatchBudget>>,
-    sink: &(dyn Fn(HashedBatch) -> bool + Sync),
-) -> io::Result<Digest> {
-    type Batch = (Vec<(usize, u64, Vec<u8>)>, BatchPermit);
-    let new_permit = || budget.map_or(BatchPermit(None), BatchBudget::permit);
+    type Batch = Vec<(usize, u64, Vec<u8>)>;
     let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(0);
     let batch_rx = Mutex::new(batch_rx);
     let (done_tx, done_rx) = mpsc::channel::<Vec<(usize, BlockRef)>>();
@@ -148,7 +88,7 @@ pub fn digest_reader_into<R: Read + Send>(
             let batch_rx = &batch_rx;
             s.spawn(move || loop {
                 let next = batch_rx.lock().map(|rx| rx.recv());
-                let Ok(Ok((batch, permit))) = next else {
+                let Ok(Ok(batch)) = next else {
                     return;
                 };
                 let fps: Vec<Fingerprint> = batch.iter().map(|(_, _, d)| fingerprint(d)).collect();
@@ -167,58 +107,44 @@ pub fn digest_reader_into<R: Read + Send>(
                 for id in ids.iter_mut().filter(|id| id.is_none()) {
                     *id = hashed.next();
                 }
-                let (blocks, hashed): (Vec<(usize, BlockRef)>, Vec<_>) = batch
-                    .into_iter()
+                let blocks = batch
+                    .iter()
                     .zip(fps)
                     .zip(ids)
                     .map(|(((i, offset, data), fp), hash)| {
                         let block = BlockRef {
                             hash: hash.unwrap_or_default(),
-                            offset,
+                            offset: *offset,
                             len: data.len() as u32,
                             fp: Some(fp),
                         };
-                        ((i, block.clone()), (block, bytes::Bytes::from(data)))
+                        (*i, block)
                     })
-                    .unzip();
-                let hashed = HashedBatch {
-                    blocks: hashed,
-                    _permit: permit,
-                };
-                if done_tx.send(blocks).is_err() || !sink(hashed) {
+                    .collect();
+                if done_tx.send(blocks).is_err() {
                     return;
                 }
             });
         }
         drop(done_tx);
-        let mut batch = Vec::new();
-        let mut permit = None;
+        let mut batch: Batch = Vec::new();
         let mut bytes = 0;
         for (i, chunk) in StreamCDC::new(reader, params.min, params.avg, params.max).enumerate() {
             let chunk = chunk.map_err(|e| match e {
                 CdcError::IoError(io) => io,
                 other => io::Error::other(other.to_string()),
             })?;
-            // A batch takes its permit with its first chunk (so a budget of 1 cannot wait on
-            // the batch that holds it).
-            if permit.is_none() {
-                permit = Some(new_permit());
-            }
             bytes += chunk.data.len();
             batch.push((i, chunk.offset, chunk.data));
             if batch.len() == BATCH_CHUNKS || bytes >= BATCH_BYTES {
                 bytes = 0;
-                let full = (
-                    std::mem::take(&mut batch),
-                    permit.take().unwrap_or_else(new_permit),
-                );
-                if batch_tx.send(full).is_err() {
+                if batch_tx.send(std::mem::take(&mut batch)).is_err() {
                     break;
                 }
             }
         }
         if !batch.is_empty() {
-            let _ = batch_tx.send((batch, permit.unwrap_or_else(new_permit)));
+            let _ = batch_tx.send(batch);
         }
         drop(batch_tx);
         Ok(())
@@ -498,60 +424,6 @@ mod tests {
         assert!(read_block(&path, first).unwrap().is_some());
         std::fs::write(&path, random_bytes(600_000, 4)).unwrap();
         assert!(read_block(&path, first).unwrap().is_none());
-    }
-
-    /// A streamed digest hands over every block with its bytes, and with a budget never has
-    /// more batches alive than allowed (here one, the tightest: a batch must not wait for its
-    /// own permit), however slowly their holder lets them go.
-    #[test]
-    fn streamed_batches_carry_the_bytes_and_keep_to_the_budget() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let data = random_bytes(8 << 20, 21);
-        // Small chunks: batches of 16 chunks, ~64 of them.
-        let params = ChunkParams {
-            min: 4 << 10,
-            avg: 8 << 10,
-            max: 16 << 10,
-        };
-        let plain = digest_reader(&data[..], params, &KnownBlocks::new()).unwrap();
-        let (alive, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        let (tx, rx) = mpsc::channel::<HashedBatch>();
-        let handed = std::thread::scope(|s| {
-            let holder = s.spawn(|| {
-                let mut seen = Vec::new();
-                for batch in rx {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                    for (b, bytes) in &batch.blocks {
-                        let at = b.offset as usize;
-                        assert_eq!(&data[at..at + b.len as usize], &bytes[..]);
-                        seen.push(b.clone());
-                    }
-                    alive.fetch_sub(1, Ordering::SeqCst);
-                }
-                seen
-            });
-            let budget = BatchBudget::new(1);
-            let streamed = digest_reader_into(
-                &data[..],
-                params,
-                &KnownBlocks::new(),
-                Some(&budget),
-                &|batch| {
-                    let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    tx.send(batch).is_ok()
-                },
-            )
-            .unwrap();
-            drop(tx);
-            assert_eq!(streamed, plain);
-            holder.join().unwrap()
-        });
-        let mut handed = handed;
-        handed.sort_by_key(|b| b.offset);
-        assert_eq!(handed, plain.blocks);
-        let most = most.load(Ordering::SeqCst);
-        assert_eq!(most, 1, "batches alive at once");
     }
 
     #[test]

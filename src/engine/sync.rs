@@ -47,12 +47,6 @@ const UPLOAD_CHUNK_BYTES: u64 = 64 << 20;
 const UPLOAD_WINDOW: usize = 1024;
 /// Upload chunks under way at once: one committing while the next one's blocks travel.
 const UPLOAD_CHUNKS_IN_FLIGHT: usize = 2;
-/// New files at least this big are hashed as they upload, in one pass (see
-/// `Apply::upload_streamed`), instead of being hashed before the plan and read again to send.
-const STREAM_MIN_SIZE: u64 = 16 << 20;
-/// Batches of a streamed file in memory at once (cut, hashed, queued or being sent), each of
-/// at most `chunker::BATCH_BYTES` plus a chunk.
-const STREAM_BATCHES: usize = 4;
 /// Files this small download many to a request.
 const DOWNLOAD_SMALL_FILE: usize = 1 << 20;
 /// Bytes of small files per download request.
@@ -481,23 +475,6 @@ pub async fn run(
         .map(|(_, s)| (s.inode, s))
         .collect();
     let mut renamed: HashMap<String, String> = HashMap::new();
-    // Sizes of the files the index knows that are gone: a new file of another size cannot be
-    // one of them moved.
-    let vanished_sizes: HashSet<u64> = synced
-        .iter()
-        .filter(|(p, s)| s.kind == EntryKind::File && !scan.tree.contains_key(*p))
-        .map(|(_, s)| s.size)
-        .collect();
-    // A big file new to the index and to the server, and not a moved one: nothing in the plan
-    // depends on its content (it is uploaded whatever it holds), so it is hashed as it
-    // uploads, in one pass, rather than here.
-    let streamed = |p: &String, l: &LocalEntry| {
-        opts.direction != Direction::Pull
-            && l.size >= STREAM_MIN_SIZE
-            && !synced.contains_key(p)
-            && !remote_tree.contains_key(p)
-            && !vanished_sizes.contains(&l.size)
-    };
     // Hash what the index cannot vouch for. A pull needs hashes only where they decide
     // something: paths the server or the index knows.
     let to_hash: Vec<(String, u64, KnownBlocks)> = scan
@@ -514,9 +491,6 @@ pub async fn run(
                         return false;
                     }
                 }
-            }
-            if streamed(p, l) {
-                return false;
             }
             opts.direction != Direction::Pull
                 || remote_tree.contains_key(*p)
@@ -1039,42 +1013,6 @@ fn upload_jobs(
     jobs
 }
 
-/// Sends the blocks of a hashed batch the server lacks (one request); returns how many blocks
-/// and bytes were sent.
-async fn send_hashed(
-    remote: &Remote,
-    progress: &Arc<dyn Progress>,
-    mut batch: chunker::HashedBatch,
-) -> Result<(u64, u64), EngineError> {
-    let total: u64 = batch.blocks.iter().map(|(b, _)| u64::from(b.len)).sum();
-    let hashes: Vec<String> = batch.blocks.iter().map(|(b, _)| b.hash.clone()).collect();
-    let missing: HashSet<String> = remote.missing(hashes).await?.into_iter().collect();
-    let mut once = HashSet::new();
-    // The batch (its share of the file's budget) is let go once its bytes are sent.
-    let mut send: Vec<(String, bytes::Bytes)> = std::mem::take(&mut batch.blocks)
-        .into_iter()
-        .filter(|(b, _)| missing.contains(&b.hash) && once.insert(b.hash.clone()))
-        .map(|(b, bytes)| (b.hash, bytes))
-        .collect();
-    let sent = (
-        send.len() as u64,
-        send.iter().map(|(_, b)| b.len() as u64).sum(),
-    );
-    match send.len() {
-        0 => {}
-        1 => {
-            let (hash, bytes) = send.pop().expect("one block");
-            remote.put_block(&hash, bytes).await?;
-        }
-        _ => {
-            remote.put_blocks(send).await?;
-        }
-    }
-    drop(batch);
-    progress.advance(total);
-    Ok(sent)
-}
-
 /// Sends blocks, [`UPLOAD_PARALLELISM`] requests at a time. Per block: its file, its length,
 /// and whether it was sent (false: the file changed since it was hashed; not sent).
 async fn send_blocks(
@@ -1462,13 +1400,7 @@ impl Apply<'_> {
     /// [`UPLOAD_CHUNKS_IN_FLIGHT`] chunks at a time so the next chunk's blocks travel while this
     /// one commits. A run killed halfway keeps every chunk it committed.
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
-        // Big files planned without a digest go in one pass each, before the chunks.
-        let scanned_size = |p: &str| self.scan.tree.get(p).map_or(0, |l| l.size);
-        let (streamed, files): (Vec<_>, Vec<_>) = files.into_iter().partition(|(p, _)| {
-            !self.digests.contains_key(p) && scanned_size(p) >= STREAM_MIN_SIZE
-        });
-        let streamed_bytes: u64 = streamed.iter().map(|(p, _)| scanned_size(p)).sum();
-        // Other files planned without a digest (renamed ones whose hash came from the index).
+        // Files planned without a digest (renamed ones whose hash came from the index).
         let undigested: Vec<(String, u64, KnownBlocks)> = files
             .iter()
             .filter(|(p, _)| !self.digests.contains_key(p))
@@ -1486,7 +1418,7 @@ impl Apply<'_> {
             self.digests.extend(more);
         }
         let size_of = |p: &str| self.digests.get(p).map_or(0, |d| d.size);
-        let total: u64 = files.iter().map(|(p, _)| size_of(p)).sum::<u64>() + streamed_bytes;
+        let total: u64 = files.iter().map(|(p, _)| size_of(p)).sum();
         let mut chunks: Vec<Vec<(String, Option<i64>)>> = Vec::new();
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0u64;
@@ -1507,135 +1439,31 @@ impl Apply<'_> {
         self.progress.start("uploading", total);
         let t0 = std::time::Instant::now();
         let this = &*self;
-        let chunked = async {
-            let mut sent = stream::iter(chunks)
-                .map(|c| this.upload_chunk(c))
-                .buffered(UPLOAD_CHUNKS_IN_FLIGHT);
-            let mut outcomes = Vec::new();
-            while let Some(r) = sent.next().await {
-                match r {
-                    Ok(o) => outcomes.push(o),
-                    // Stop starting chunks; what committed so far is still recorded below.
-                    Err(e) => return (outcomes, Some(e)),
+        let mut sent = stream::iter(chunks)
+            .map(|c| this.upload_chunk(c))
+            .buffered(UPLOAD_CHUNKS_IN_FLIGHT);
+        let mut outcomes = Vec::new();
+        let mut failed = None;
+        while let Some(r) = sent.next().await {
+            match r {
+                Ok(o) => outcomes.push(o),
+                // Stop starting chunks; what committed so far is still recorded below.
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
             }
-            (outcomes, None)
-        };
-        let one_pass = async {
-            let mut outcomes = Vec::new();
-            for (path, parent_rev) in streamed {
-                match this.upload_streamed(path, parent_rev).await {
-                    Ok(o) => outcomes.push(o),
-                    Err(e) => return (outcomes, Some(e)),
-                }
-            }
-            (outcomes, None)
-        };
-        // One after the other (at once, their buffers would add up), the big files first.
-        let (streamed, streamed_failed) = one_pass.await;
-        let (outcomes, failed) = if streamed_failed.is_none() {
-            chunked.await
-        } else {
-            drop(chunked);
-            (Vec::new(), None)
-        };
+        }
+        drop(sent);
         self.progress.finish();
         tracing::debug!(elapsed = ?t0.elapsed(), "upload: sent and committed");
         for o in outcomes {
             self.absorb_upload(o)?;
         }
-        for (path, digest, o) in streamed {
-            if let Some(d) = digest {
-                self.digests.insert(path, d);
-            }
-            self.absorb_upload(o)?;
-        }
-        match failed.or(streamed_failed) {
+        match failed {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-
-    /// Uploads one big file in a single pass: it is cut and hashed on blocking threads while
-    /// the hashed batches are checked against the server and the missing blocks sent
-    /// ([`UPLOAD_PARALLELISM`] requests in flight, a bounded number of batches in memory), then
-    /// committed. Read once, hashing and sending overlapping. A file that changed (or went)
-    /// since the scan is not committed: it goes next time. Returns the digest when committed.
-    async fn upload_streamed(
-        &self,
-        path: String,
-        parent_rev: Option<i64>,
-    ) -> Result<(String, Option<Digest>, ChunkUploaded), EngineError> {
-        let mut out = ChunkUploaded::default();
-        let full = self.root.join(&path);
-        let Some(scanned) = self.scan.tree.get(&path).cloned() else {
-            return Ok((path, None, out));
-        };
-        let same = |now: Option<LocalEntry>| {
-            now.is_some_and(|n| {
-                n.size == scanned.size && n.mtime_ns == scanned.mtime_ns && n.inode == scanned.inode
-            })
-        };
-        let file = match File::open(&full) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                out.changed.push(path.clone());
-                return Ok((path, None, out));
-            }
-            Err(e) => return Err(io_at(&full)(e)),
-        };
-        if !same(file.metadata().ok().map(|m| LocalEntry::from_metadata(&m))) {
-            out.changed.push(path.clone());
-            return Ok((path, None, out));
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<chunker::HashedBatch>(1);
-        let params = self.params;
-        let budget = chunker::BatchBudget::new(STREAM_BATCHES);
-        let reading = tokio::task::spawn_blocking(move || {
-            let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            let known = KnownBlocks::new();
-            chunker::digest_reader_into(reader, params, &known, Some(&budget), &|batch| {
-                tx.blocking_send(batch).is_ok()
-            })
-        });
-        // Owns the receiver: dropped with the stream, which stops the reading.
-        let batches = stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let sent: Result<Vec<(u64, u64)>, EngineError> = batches
-            .map(|batch| send_hashed(self.remote, &self.progress, batch))
-            .buffer_unordered(UPLOAD_PARALLELISM)
-            .try_collect()
-            .await;
-        // On an error the batches stream is gone, so the reading stops at its next batch.
-        let digest = reading
-            .await
-            .map_err(|e| io_at(&full)(std::io::Error::other(e.to_string())))?
-            .map_err(io_at(&full))?;
-        for (blocks, bytes) in sent? {
-            out.blocks_uploaded += blocks;
-            out.block_bytes_sent += bytes;
-        }
-        out.bytes_deduplicated = digest.size.saturating_sub(out.block_bytes_sent);
-        if digest.size != scanned.size || !same(now_stat(&full)) {
-            out.changed.push(path.clone());
-            return Ok((path, None, out));
-        }
-        let req = CommitRequest {
-            path: self.remote_path(&path),
-            parent_rev,
-            blocks: digest.block_ids(),
-            size: digest.size,
-            content_hash: digest.content_hash.clone(),
-            mtime: scanned.mtime_ms(),
-            executable: scanned.executable,
-        };
-        let r = self
-            .remote
-            .commit_batch(vec![req.clone()])
-            .await?
-            .pop()
-            .ok_or_else(|| RemoteError::Protocol("the server answered no commit".into()))?;
-        out.commits.push((path.clone(), scanned, req, r));
-        Ok((path, Some(digest), out))
     }
 
     /// One chunk of an upload: which blocks the server lacks, sending them, then one commit
