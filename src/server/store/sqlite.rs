@@ -185,6 +185,21 @@ struct NewRow<'a> {
     executable: i64,
 }
 
+impl NewRow<'_> {
+    /// The columns `journal` and `files` share, in their common order: size, content_hash,
+    /// blocks, mtime, executable.
+    fn content_params(&self) -> [Param; 5] {
+        [
+            Param::Int(self.size),
+            self.content_hash
+                .map_or(Param::Null, |h| Param::Text(h.to_string())),
+            Param::Text(self.blocks.clone()),
+            Param::Int(self.mtime),
+            Param::Int(self.executable),
+        ]
+    }
+}
+
 /// The ancestors of `path`, outermost first (the root excluded): the order folders are made in.
 fn ancestors(path: &str) -> Vec<&str> {
     let mut out = Vec::new();
@@ -794,16 +809,15 @@ impl SqliteStore {
                         Param::Text(r.path.to_string()),
                         Param::Null,
                         Param::Text(r.kind.to_string()),
-                        Param::Int(r.size),
-                        r.content_hash
-                            .map_or(Param::Null, |h| Param::Text(h.to_string())),
-                        Param::Text(r.blocks.clone()),
-                        Param::Int(r.mtime),
-                        Param::Int(r.executable),
+                    ]
+                    .into_iter()
+                    .chain(r.content_params())
+                    .chain([
                         Param::Int(actor.user_id),
                         actor.device.clone().map_or(Param::Null, Param::Text),
                         Param::Int(now),
-                    ]
+                    ])
+                    .collect()
                 })
                 .collect();
             insert_rows(
@@ -822,13 +836,10 @@ impl SqliteStore {
                         Param::Text(r.path.to_string()),
                         Param::Text(r.kind.to_string()),
                         Param::Int(r.id),
-                        Param::Int(r.size),
-                        r.content_hash
-                            .map_or(Param::Null, |h| Param::Text(h.to_string())),
-                        Param::Text(r.blocks.clone()),
-                        Param::Int(r.mtime),
-                        Param::Int(r.executable),
                     ]
+                    .into_iter()
+                    .chain(r.content_params())
+                    .collect()
                 })
                 .collect();
             insert_rows(
