@@ -87,7 +87,7 @@ complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcomman
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from gc" -l json -d 'Print one JSON document on stdout (JSON lines for streams)'
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from gc" -s q -l quiet -d 'Print only errors'
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from gc" -s v -l verbose -d 'Print more detail (repeat for debug logs)'
-complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from gc" -s h -l help -d 'Print help'
+complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from gc" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from gc" -s V -l version -d 'Print version'
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from fsck" -l retention -d 'Versions are kept this many days (default: the server\'s `--retention`, else 180)' -r
 complete -c dbx -n "__fish_dbx_using_subcommand admin; and __fish_seen_subcommand_from fsck" -l data -d 'The server\'s data directory' -r -F

@@ -123,6 +123,10 @@ pub enum AdminCommand {
     #[command(subcommand)]
     User(UserCommand),
     /// Delete blocks no retained version references (safe while the server runs)
+    ///
+    /// Small blocks live in pack files (one per upload batch); their space comes back when a
+    /// pack at least a quarter dead is rewritten without them, which gc does last, leaving
+    /// alone packs written within the grace period.
     Gc {
         /// Report what would be freed, delete nothing
         #[arg(long, short = 'n')]

@@ -57,7 +57,7 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
             grace,
         } => {
             let retention = retention_secs(&store, retention).await?;
-            let blobs = FsBlobStore::open(&args.data.join("blocks"))?;
+            let blobs = FsBlobStore::open(&args.data.join("blocks")).await?;
             let report =
                 maintenance::gc(&store, &blobs, retention, (grace * 3600.0) as i64, dry_run)
                     .await
@@ -68,6 +68,15 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
                 report.blocks_freed,
                 human_bytes(report.bytes_freed)
             ));
+            let c = &report.compaction;
+            if c.packs_rewritten + c.packs_deleted > 0 {
+                printer.line(format!(
+                    "Rewrote {} and deleted {} pack files: {} of disk given back",
+                    c.packs_rewritten,
+                    c.packs_deleted,
+                    human_bytes(c.bytes_reclaimed)
+                ));
+            }
             printer.json(&report);
             return Ok(exit::OK);
         }
@@ -76,7 +85,7 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
             retention,
         } => {
             let retention = retention_secs(&store, retention).await?;
-            let blobs = FsBlobStore::open_existing(&args.data.join("blocks"));
+            let blobs = FsBlobStore::open(&args.data.join("blocks")).await?;
             let report = maintenance::fsck(&store, &blobs, retention, read_data).await??;
             for d in &report.damage {
                 eprintln!(

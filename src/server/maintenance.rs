@@ -9,18 +9,24 @@
 //!   that comes after finds no row and is refused, naming the block, so the client uploads it
 //!   again (its bytes are never silently missing);
 //! - bytes are deleted only after the row is gone, so no commit can ever reference a block
-//!   whose bytes are being deleted.
+//!   whose bytes are being deleted;
+//! - then the block store gives back the space of what it deleted but still holds on disk
+//!   (packs rewritten without their dead blocks), leaving alone what was written within the
+//!   grace period.
 
 use serde::Serialize;
 
-use super::blobs::{BlobStore, BlockHealth};
+use super::blobs::{BlobStore, BlockHealth, CompactReport};
 use super::store::{MetaStore, StoreResult};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
     pub dry_run: bool,
     pub blocks_freed: u64,
+    /// The freed blocks' sizes.
     pub bytes_freed: u64,
+    /// What the block store did to give the space back (nothing on a dry run).
+    pub compaction: CompactReport,
 }
 
 fn now() -> i64 {
@@ -57,6 +63,10 @@ pub async fn gc<M: MetaStore, B: BlobStore>(
         }
         report.blocks_freed += 1;
         report.bytes_freed += size;
+    }
+    if !dry_run {
+        let min_age = std::time::Duration::from_secs(grace_secs.max(0) as u64);
+        report.compaction = blobs.compact(min_age).await?;
     }
     Ok(report)
 }
@@ -130,7 +140,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("meta.db"))
             .await
             .unwrap();
-        let blobs = FsBlobStore::open(&dir.path().join("blocks")).unwrap();
+        let blobs = FsBlobStore::open(&dir.path().join("blocks")).await.unwrap();
         let user = store.create_user("u", "x", None).await.unwrap();
         let actor = Actor {
             user_id: user.id,

@@ -40,6 +40,8 @@ pub enum OpenError {
     },
     #[error("cannot open the metadata database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot open the block store: {0}")]
+    Blobs(#[from] blobs::BlobError),
 }
 
 /// How long versions are kept when nobody says.
@@ -56,7 +58,8 @@ pub async fn open_default(data: &Path) -> Result<DefaultApp, OpenError> {
     };
     std::fs::create_dir_all(data).map_err(dir_err)?;
     let store = SqliteStore::open(&data.join("meta.db")).await?;
-    let blobs = FsBlobStore::open(&data.join("blocks")).map_err(dir_err)?;
+    let blobs = FsBlobStore::open(&data.join("blocks")).await?;
+    blobs.remove_stale_temp_files().map_err(dir_err)?;
     let epoch = store.epoch().await?;
     Ok(App {
         store,

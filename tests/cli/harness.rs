@@ -353,6 +353,73 @@ pub async fn api_post(
     .await
 }
 
+/// Where the server's filesystem block store keeps a block: a file of its own, or a record of a
+/// pack file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub file: PathBuf,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl StoredBlock {
+    pub fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.file).unwrap()[self.offset..self.offset + self.len].to_vec()
+    }
+
+    /// Flips one bit of the block's byte `at`, on disk.
+    pub fn corrupt(&self, at: usize) {
+        let mut raw = std::fs::read(&self.file).unwrap();
+        raw[self.offset + at] ^= 0x40;
+        std::fs::write(&self.file, raw).unwrap();
+    }
+}
+
+/// Every block on disk under `DATA/blocks`, by hash: the files `<2 hex>/<hash>` and the records
+/// of the pack files `packs/*.pack`, read as the format says, without the store's index (a
+/// record: `dbxP`, the hash in 64 hex digits, the length as u32 LE, the bytes). A block deleted
+/// but still in a pack that was not rewritten is listed.
+pub fn stored_blocks(data: &Path) -> BTreeMap<String, StoredBlock> {
+    let mut out = BTreeMap::new();
+    for dir in std::fs::read_dir(data.join("blocks")).unwrap() {
+        let dir = dir.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if name.len() != 2 || !name.chars().all(|c| c.is_ascii_hexdigit()) || !dir.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let file = f.unwrap().path();
+            let hash = file.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(hash.starts_with(&name), "{} is misplaced", file.display());
+            let len = std::fs::metadata(&file).unwrap().len() as usize;
+            out.insert(
+                hash,
+                StoredBlock {
+                    file,
+                    offset: 0,
+                    len,
+                },
+            );
+        }
+    }
+    for f in std::fs::read_dir(data.join("blocks/packs")).unwrap() {
+        let file = f.unwrap().path();
+        let raw = std::fs::read(&file).unwrap();
+        let mut at = 0;
+        while at < raw.len() {
+            assert_eq!(&raw[at..at + 4], b"dbxP", "{} at {at}", file.display());
+            let hash = String::from_utf8(raw[at + 4..at + 68].to_vec()).unwrap();
+            let len = u32::from_le_bytes(raw[at + 68..at + 72].try_into().unwrap()) as usize;
+            let offset = at + 72;
+            at = offset + len;
+            assert!(at <= raw.len(), "{} is truncated", file.display());
+            let file = file.clone();
+            out.insert(hash, StoredBlock { file, offset, len });
+        }
+    }
+    out
+}
+
 /// Lowercase hex SHA-256 (an implementation independent of dbx's).
 pub fn sha_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

@@ -100,28 +100,9 @@ fn admin(client: &Client, data: &Path, args: &[&str]) -> (i32, Value, String) {
     )
 }
 
-/// Every block file on disk (`DATA/blocks/<2 hex>/<hash>`), by hash.
+/// The hashes of every block on disk.
 fn block_files(data: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let root = data.join("blocks");
-    for dir in std::fs::read_dir(&root).unwrap() {
-        let dir = dir.unwrap().path();
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        if name.len() != 2 || !name.chars().all(|c| c.is_ascii_hexdigit()) || !dir.is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(&dir).unwrap() {
-            let f = f.unwrap().path();
-            let hash = f.file_name().unwrap().to_string_lossy().into_owned();
-            assert!(hash.starts_with(&name), "{} is misplaced", f.display());
-            out.insert(hash);
-        }
-    }
-    out
-}
-
-fn block_path(data: &Path, hash: &str) -> PathBuf {
-    data.join("blocks").join(&hash[..2]).join(hash)
+    stored_blocks(data).into_keys().collect()
 }
 
 /// A server and two devices of alice, "laptop" and "desktop", both mirroring `/`.
@@ -594,7 +575,7 @@ fn gc_frees_exactly_unreferenced_blocks() {
     let original_hashes: BTreeSet<String> = originals.iter().map(|b| sha_hex(b)).collect();
     assert_eq!(
         uploaded, original_hashes,
-        "one block file per (sub-128 KiB) file, named by its SHA-256"
+        "one block per (sub-128 KiB) file, named by its SHA-256"
     );
     // The blocks' last reference must be in an earlier second than the collection's start.
     tick();
@@ -656,8 +637,10 @@ fn gc_frees_exactly_unreferenced_blocks() {
     let expected: BTreeSet<String> = before.difference(&doomed).cloned().collect();
     assert_eq!(
         after, expected,
-        "exactly the unreferenced block files are gone"
+        "exactly the unreferenced blocks are gone, from the disk too (their pack rewritten)"
     );
+    let reclaimed = n(&report["compaction"], "bytes_reclaimed");
+    assert!(reclaimed >= doomed_bytes, "{report}");
 
     // Every live file still pulls byte for byte on a fresh device.
     let fresh = Client::new();
@@ -703,12 +686,17 @@ fn fsck_detects_damage_and_passes_clean() {
     dev.init(&a);
     let data = server.data.path();
 
-    // Four one-block files, then a second version of f0: five retained versions, five blocks.
+    // Four one-block files (f2 pushed alone, so its pack holds only it), then a second version
+    // of f0: five retained versions, five blocks.
     let mut rng = Rng::new(31);
     let files: Vec<Vec<u8>> = (0..4).map(|i| rng.bytes(50_000 + i * 1_000)).collect();
     for (i, bytes) in files.iter().enumerate() {
-        write_file(&a.join(format!("f{i}.bin")), bytes);
+        if i != 2 {
+            write_file(&a.join(format!("f{i}.bin")), bytes);
+        }
     }
+    dev.json(&a, &["sync"]);
+    write_file(&a.join("f2.bin"), &files[2]);
     dev.json(&a, &["sync"]);
     let f0_old_rev = n(&server_entries(&dev, &a)["/f0.bin"], "rev");
     let f0_new = rng.bytes(60_000);
@@ -728,10 +716,10 @@ fn fsck_detects_damage_and_passes_clean() {
 
     // Flip one byte of the block of f0's first version (a retained old version).
     let h0 = sha_hex(&files[0]);
-    let p0 = block_path(data, &h0);
-    let mut corrupted = std::fs::read(&p0).unwrap();
-    corrupted[12_345] ^= 0x40;
-    std::fs::write(&p0, &corrupted).unwrap();
+    let p0 = stored_blocks(data)[&h0].clone();
+    p0.corrupt(12_345);
+    let corrupted = p0.bytes();
+    assert_ne!(corrupted, files[0]);
 
     let (code, report, err) = admin(&dev, data, &["fsck", "--read-data"]);
     assert_eq!(code, 1, "corruption is damage: {report} {err}");
@@ -748,9 +736,10 @@ fn fsck_detects_damage_and_passes_clean() {
     assert_eq!(report["read_data"], false, "{report}");
     assert_eq!(report["damage"], json!([]), "{report}");
 
-    // Delete the block of f2.
+    // Delete the block of f2 (the file that holds it holds nothing else).
     let h2 = sha_hex(&files[2]);
-    std::fs::remove_file(block_path(data, &h2)).unwrap();
+    let p2 = stored_blocks(data)[&h2].file.clone();
+    std::fs::remove_file(&p2).unwrap();
     let missing = json!({"path": "/f2.bin", "rev": f2_rev, "block": h2, "health": "missing"});
     let (code, report, err) = admin(&dev, data, &["fsck"]);
     assert_eq!(code, 1, "a missing block is damage: {report} {err}");
@@ -772,10 +761,10 @@ fn fsck_detects_damage_and_passes_clean() {
 
     // fsck changed nothing: the corrupt block is still in place, as corrupted.
     assert!(
-        std::fs::read(&p0).unwrap() == corrupted,
-        "the corrupted block file is left as it was"
+        p0.bytes() == corrupted,
+        "the corrupted block is left as it was"
     );
-    assert!(!block_path(data, &h2).exists());
+    assert!(!p2.exists());
     assert_eq!(block_files(data).len(), 4);
     assert!(
         !data.join("blocks/quarantine").join(&h0).exists(),

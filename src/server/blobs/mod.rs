@@ -4,11 +4,13 @@
 //! block in the metadata store, which is what makes it referencable); `put` of a hash already
 //! held is a no-op; `get` never returns bytes that do not hash to the requested id: a mismatch is
 //! quarantined and reported as [`BlobError::Corrupt`]; `read_many` returns bytes unverified, for
-//! callers that verify them.
+//! callers that verify them. Deleting may leave the bytes on disk until `compact` (packed
+//! stores reclaim space by rewriting what is still live).
 
 pub mod fs;
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -20,6 +22,19 @@ pub enum BlobError {
     Corrupt(String),
     #[error("block store I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("block store index error: {0}")]
+    Index(sqlx::Error),
+}
+
+/// What [`BlobStore::compact`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CompactReport {
+    /// Packs rewritten without their dead blocks.
+    pub packs_rewritten: u64,
+    /// Packs deleted: nothing in them was live.
+    pub packs_deleted: u64,
+    /// Disk space given back.
+    pub bytes_reclaimed: u64,
 }
 
 pub trait BlobStore: Send + Sync + 'static {
@@ -49,6 +64,15 @@ pub trait BlobStore: Send + Sync + 'static {
     }
     /// Deletes a block's bytes (garbage collection); deleting a missing block is not an error.
     fn delete(&self, hash: &str) -> impl Future<Output = Result<(), BlobError>> + Send;
+    /// Gives back the space of deleted blocks still on disk, leaving alone anything written less
+    /// than `min_age` ago. A store that deletes bytes at once has nothing to do.
+    fn compact(
+        &self,
+        min_age: Duration,
+    ) -> impl Future<Output = Result<CompactReport, BlobError>> + Send {
+        let _ = min_age;
+        async { Ok(CompactReport::default()) }
+    }
     /// Checks a block without changing anything: present, and with `read_data` that its bytes
     /// still hash to its id.
     fn check(
