@@ -184,21 +184,24 @@ impl FsBlobStore {
 
     /// Writes `blocks` as one new pack, locked, linked into `packs/`, not yet synced.
     fn write_pack(&self, blocks: &[(&str, &[u8])]) -> io::Result<NewPack> {
-        let total: usize = blocks.iter().map(|(_, b)| HEADER + b.len()).sum();
-        let mut buf = Vec::with_capacity(total);
-        let mut places = Vec::with_capacity(blocks.len());
-        for (hash, bytes) in blocks {
-            buf.extend_from_slice(MAGIC);
-            buf.extend_from_slice(hash.as_bytes());
-            buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            places.push((buf.len() as u64, bytes.len() as u32));
-            buf.extend_from_slice(bytes);
-        }
         // Written under `tmp/` and locked before it has a name in `packs/`, so compaction never
         // sees it unlocked before its rows exist.
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
         tmp.as_file().lock()?;
-        tmp.write_all(&buf)?;
+        // Through a small buffer: a batch's blocks are not copied into one more batch-sized one.
+        let mut out = io::BufWriter::with_capacity(1 << 20, tmp);
+        let mut places = Vec::with_capacity(blocks.len());
+        let mut at = 0u64;
+        for (hash, bytes) in blocks {
+            out.write_all(MAGIC)?;
+            out.write_all(hash.as_bytes())?;
+            out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+            at += HEADER as u64;
+            places.push((at, bytes.len() as u32));
+            out.write_all(bytes)?;
+            at += bytes.len() as u64;
+        }
+        let tmp = out.into_inner().map_err(|e| e.into_error())?;
         let id = loop {
             let id = new_pack_id();
             match fs::hard_link(tmp.path(), self.pack_path(id)) {
