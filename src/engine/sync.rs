@@ -59,6 +59,9 @@ const DOWNLOAD_FILES_PARALLELISM: usize = 2;
 const DOWNLOAD_FETCHES_IN_FLIGHT: usize = 2;
 /// Hashes per `blocks/missing` request.
 const MISSING_BATCH: usize = 1000;
+/// Blocks of new files sent while others are still being hashed, per round (see
+/// [`EarlySend`]): two requests' worth, one per upload request in flight.
+const EARLY_SEND_BYTES: u64 = (2 * UPLOAD_BATCH_BYTES) as u64;
 /// The namespace id the index uses for the user's root namespace.
 pub const ROOT_NS: i64 = 0;
 
@@ -511,7 +514,30 @@ pub async fn run(
                 .into(),
         );
     }
-    let digests = hash_files(&folder.root, to_hash, info.chunk, &progress, &mut report).await?;
+    // New files the server does not know are uploaded whatever they hold: their blocks may go
+    // while the rest is hashed. Not on a dry run, a pull, or in watch mode (files still being
+    // written wait there).
+    let early =
+        (opts.direction != Direction::Pull && !opts.dry_run && opts.settle.is_none()).then(|| {
+            EarlySend {
+                remote,
+                scan: &scan,
+                eligible: to_hash
+                    .iter()
+                    .filter(|(p, _, _)| !synced.contains_key(p) && !remote_tree.contains_key(p))
+                    .map(|(p, _, _)| p.clone())
+                    .collect(),
+            }
+        });
+    let (digests, early_sent) = hash_files(
+        &folder.root,
+        to_hash,
+        info.chunk,
+        &progress,
+        &mut report,
+        early,
+    )
+    .await?;
     tracing::debug!(elapsed = ?t0.elapsed(), "hashed");
     let mut local = local_states(&scan, &synced, &digests);
     for (path, hash) in &renamed {
@@ -640,6 +666,7 @@ pub async fn run(
         synced: &synced,
         remote_tree: &remote_tree,
         digests,
+        early_sent: early_sent.hashes,
         params: info.chunk,
         sources: &sources,
         renamed_away: HashSet::new(),
@@ -854,7 +881,8 @@ async fn hash_files(
     params: ChunkParams,
     progress: &Arc<dyn Progress>,
     report: &mut Report,
-) -> Result<HashMap<String, Digest>, EngineError> {
+    early: Option<EarlySend<'_>>,
+) -> Result<(HashMap<String, Digest>, EarlySent), EngineError> {
     let total: u64 = files.iter().map(|(_, s, _)| s).sum();
     progress.start("hashing", total);
     // Big files one at a time (each is cut by one thread and hashed by others); small ones
@@ -879,7 +907,9 @@ async fn hash_files(
     if !batch.is_empty() {
         jobs.push(batch);
     }
-    let results: Vec<(String, std::io::Result<Digest>)> = stream::iter(jobs)
+    let (digested, to_send) = futures::channel::mpsc::unbounded::<Vec<(String, Digest)>>();
+    let eligible = early.as_ref().map(|e| &e.eligible);
+    let hashing = stream::iter(jobs)
         .map(|job| {
             let root = root.to_path_buf();
             let progress = progress.clone();
@@ -892,10 +922,41 @@ async fn hash_files(
             }
         })
         .buffer_unordered(HASH_PARALLELISM)
+        .inspect(move |done| {
+            let new: Vec<(String, Digest)> = done
+                .iter()
+                .filter(|(p, _)| eligible.is_some_and(|e| e.contains(p)))
+                .filter_map(|(p, r)| Some((p.clone(), r.as_ref().ok()?.clone())))
+                .collect();
+            if !new.is_empty() {
+                let _ = digested.unbounded_send(new);
+            }
+        })
         .flat_map(stream::iter)
-        .collect()
-        .await;
+        .collect::<Vec<(String, std::io::Result<Digest>)>>();
+    let hashed = std::sync::atomic::AtomicBool::new(false);
+    let hashing = async {
+        let results = hashing.await;
+        hashed.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    };
+    let sending = async {
+        match &early {
+            Some(e) => e.run(root, to_send, &hashed).await,
+            None => EarlySent::default(),
+        }
+    };
+    let (results, early_sent) = futures::join!(hashing, sending);
     progress.finish();
+    if early_sent.blocks > 0 {
+        tracing::debug!(
+            blocks = early_sent.blocks,
+            bytes = early_sent.bytes,
+            "sent while hashing"
+        );
+    }
+    report.blocks_uploaded += early_sent.blocks;
+    report.block_bytes_sent += early_sent.bytes;
     let mut out = HashMap::new();
     for (path, r) in results {
         match r {
@@ -911,7 +972,103 @@ async fn hash_files(
             Err(e) => return Err(io_at(&root.join(&path))(e)),
         }
     }
-    Ok(out)
+    Ok((out, early_sent))
+}
+
+/// Sends the blocks of new files while the other files are still being hashed, so the network
+/// and the server's disk work while this machine's cores hash: without it a first push hashes
+/// everything first (the server idle), then uploads (the disk busy, the client's cores half
+/// idle). Only for files the plan will upload whatever their content (new here and unknown to
+/// the server); their blocks wait on the server, uncommitted, as an interrupted upload's do,
+/// until the upload commits them (finding them present, it sends nothing again). Whatever is
+/// not sent by the end of the hashing is left to the upload, which shows its progress; a
+/// failure here only stops the early sending (the upload meets it again and reports it).
+struct EarlySend<'a> {
+    remote: &'a Remote,
+    scan: &'a Scan,
+    /// Files the plan will upload whatever their content.
+    eligible: HashSet<String>,
+}
+
+/// What [`EarlySend`] sent: each block with its length.
+#[derive(Default)]
+struct EarlySent {
+    blocks: u64,
+    bytes: u64,
+    hashes: HashMap<String, u64>,
+}
+
+impl EarlySend<'_> {
+    async fn run(
+        &self,
+        root: &Path,
+        mut digested: futures::channel::mpsc::UnboundedReceiver<Vec<(String, Digest)>>,
+        hashed: &std::sync::atomic::AtomicBool,
+    ) -> EarlySent {
+        let mut sent = EarlySent::default();
+        let mut pending: Vec<(String, Digest)> = Vec::new();
+        let mut pending_bytes = 0u64;
+        while let Some(files) = digested.next().await {
+            pending_bytes += files.iter().map(|(_, d)| d.size).sum::<u64>();
+            pending.extend(files);
+            if pending_bytes < EARLY_SEND_BYTES {
+                continue;
+            }
+            if hashed.load(std::sync::atomic::Ordering::Relaxed) {
+                break; // hashing is over: the upload sends the rest, several requests at once
+            }
+            let round = std::mem::take(&mut pending);
+            pending_bytes = 0;
+            if let Err(e) = self.send(root, &round, &mut sent).await {
+                tracing::debug!(error = %e, "early upload stopped; the upload will send the rest");
+                break;
+            }
+        }
+        sent
+    }
+
+    async fn send(
+        &self,
+        root: &Path,
+        files: &[(String, Digest)],
+        sent: &mut EarlySent,
+    ) -> Result<(), EngineError> {
+        let mut sources: HashMap<&str, (&str, &BlockRef)> = HashMap::new();
+        for (path, d) in files {
+            for b in &d.blocks {
+                if !sent.hashes.contains_key(&b.hash) {
+                    sources.entry(&b.hash).or_insert((path, b));
+                }
+            }
+        }
+        let mut hashes: Vec<String> = sources.keys().map(|h| h.to_string()).collect();
+        hashes.sort();
+        let mut missing = Vec::new();
+        for batch in hashes.chunks(MISSING_BATCH) {
+            missing.extend(self.remote.missing(batch.to_vec()).await?);
+        }
+        let quiet: Arc<dyn Progress> = Arc::new(super::NoProgress);
+        for window in missing.chunks(UPLOAD_WINDOW) {
+            let jobs = upload_jobs(root, self.scan, window, &sources);
+            let outcome = send_blocks(self.remote, &quiet, jobs).await?;
+            // Every block of a file that changed under the stat check stays unsent.
+            let changed: HashSet<&str> = outcome
+                .iter()
+                .filter(|(_, _, ok)| !ok)
+                .map(|(p, _, _)| p.as_str())
+                .collect();
+            for h in window {
+                if let Some((path, b)) = sources.get(h.as_str()) {
+                    if !changed.contains(path) {
+                        sent.blocks += 1;
+                        sent.bytes += u64::from(b.len);
+                        sent.hashes.insert(h.clone(), u64::from(b.len));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Digests of `files` (paths relative to `root`, with the blocks each had before): one big
@@ -952,6 +1109,9 @@ struct Apply<'a> {
     synced: &'a SyncedTree,
     remote_tree: &'a RemoteTree,
     digests: HashMap<String, Digest>,
+    /// Blocks sent while hashing (see [`EarlySend`]), with their lengths: counted as sent, not
+    /// as deduplicated, when the upload finds them on the server.
+    early_sent: HashMap<String, u64>,
     params: ChunkParams,
     sources: &'a HashMap<String, (String, BlockRef)>,
     /// Paths whose local file was renamed to a conflicted copy in this run.
@@ -1407,12 +1567,13 @@ impl Apply<'_> {
             .map(|(p, _)| (p.clone(), 0, KnownBlocks::new()))
             .collect();
         if !undigested.is_empty() {
-            let more = hash_files(
+            let (more, _) = hash_files(
                 self.root,
                 undigested,
                 self.params,
                 &self.progress,
                 &mut self.report,
+                None,
             )
             .await?;
             self.digests.extend(more);
@@ -1507,9 +1668,12 @@ impl Apply<'_> {
                 }
             }
         }
-        out.bytes_deduplicated = total_bytes.saturating_sub(out.block_bytes_sent);
-        // What was deduplicated counts as done too.
-        progress.advance(out.bytes_deduplicated);
+        let sent_early: u64 = sources.keys().filter_map(|h| self.early_sent.get(*h)).sum();
+        out.bytes_deduplicated = total_bytes
+            .saturating_sub(out.block_bytes_sent)
+            .saturating_sub(sent_early);
+        // What was deduplicated or sent while hashing counts as done too.
+        progress.advance(out.bytes_deduplicated + sent_early);
         let commits: Vec<(String, LocalEntry, CommitRequest)> = files
             .iter()
             .filter(|(p, _)| !changed.contains(p))

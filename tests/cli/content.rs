@@ -401,3 +401,51 @@ async fn a_push_killed_between_chunks_keeps_what_it_committed() {
     dev.ok(other.path(), &["pull"]);
     assert_same(&digest_tree(other.path()), &digest_tree(dir.path()));
 }
+
+/// A first push sends new files' blocks while the others are still being hashed; every block
+/// goes and is counted once (as sent, not as deduplicated) and the files round-trip. A dry run
+/// sends none.
+#[test]
+fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
+    let server = Server::start();
+    let (dev, dev2) = two_devices(&server);
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let mut rng = Rng::new(17);
+    let files: Vec<Vec<u8>> = (0..12).map(|_| rng.bytes(4 << 20)).collect();
+    for (i, f) in files.iter().enumerate() {
+        write_file(&a.join(format!("f{i:02}.bin")), f);
+    }
+    dev.init(&a);
+    dev2.init(&b);
+
+    let dry = dev.json(&a, &["push", "--dry-run"]);
+    assert_eq!(dry["blocks_uploaded"], 0, "{dry}");
+    assert!(
+        stored_blocks(server.data.path()).is_empty(),
+        "a dry run stores nothing on the server"
+    );
+
+    let out = dev
+        .cmd(&a)
+        .env("RUST_LOG", "dbx=debug")
+        .args(["--json", "push"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("sent while hashing"),
+        "{}",
+        stderr(&out)
+    );
+    let report = parse_json(&out);
+    let blocks: usize = files.iter().map(|f| chunks(f).len()).sum();
+    assert_eq!(report["files_uploaded"], 12, "{report}");
+    assert_eq!(report["blocks_uploaded"], blocks as u64, "{report}");
+    assert_eq!(report["block_bytes_sent"], 48u64 << 20, "{report}");
+    assert_eq!(report["bytes_deduplicated"], 0, "{report}");
+    assert_eq!(stored_blocks(server.data.path()).len(), blocks);
+
+    dev2.ok(&b, &["pull"]);
+    assert_same(&digest_tree(&b), &digest_tree(&a));
+}
