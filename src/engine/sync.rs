@@ -1019,7 +1019,7 @@ impl EarlySend<'_> {
             }
             let round = std::mem::take(&mut pending);
             pending_bytes = 0;
-            if let Err(e) = self.send(root, &round, &mut sent).await {
+            if let Err(e) = self.send(root, &round, &mut sent, hashed).await {
                 tracing::debug!(error = %e, "early upload stopped; the upload will send the rest");
                 break;
             }
@@ -1032,6 +1032,7 @@ impl EarlySend<'_> {
         root: &Path,
         files: &[(String, Digest)],
         sent: &mut EarlySent,
+        hashed: &std::sync::atomic::AtomicBool,
     ) -> Result<(), EngineError> {
         let mut sources: HashMap<&str, (&str, &BlockRef)> = HashMap::new();
         for (path, d) in files {
@@ -1049,6 +1050,9 @@ impl EarlySend<'_> {
         }
         let quiet: Arc<dyn Progress> = Arc::new(super::NoProgress);
         for window in missing.chunks(UPLOAD_WINDOW) {
+            if hashed.load(std::sync::atomic::Ordering::Relaxed) {
+                break; // the rest of a big file goes with the upload
+            }
             let jobs = upload_jobs(root, self.scan, window, &sources);
             let outcome = send_blocks(self.remote, &quiet, jobs).await?;
             // Every block of a file that changed under the stat check stays unsent.
