@@ -57,6 +57,8 @@ const UPLOAD_BATCH_BYTES: usize = 8 << 20;
 /// Files downloaded at once, and block requests in flight per big file (each ≤ 16 MiB).
 const DOWNLOAD_FILES_PARALLELISM: usize = 2;
 const DOWNLOAD_FETCHES_IN_FLIGHT: usize = 2;
+/// Bytes of a big download written between two background flushes (see `download_one`).
+const WRITEBACK_BYTES: u64 = 64 << 20;
 /// Hashes per `blocks/missing` request.
 const MISSING_BATCH: usize = 1000;
 /// Blocks of new files sent while others are still being hashed, per round (see
@@ -2205,7 +2207,23 @@ async fn download_one(
         .map(|hashes| source.fetch(hashes))
         .buffered(DOWNLOAD_FETCHES_IN_FLIGHT);
     let mut received = offset;
+    // The disk is asked to catch up every WRITEBACK_BYTES, on a blocking thread, while the
+    // download goes on: with much RAM the kernel starts writing dirty pages late, and the final
+    // fsync of a big file would otherwise wait for all of it (~1 s for 512 MiB here).
+    let mut flushing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
+    let mut unflushed = 0u64;
     while let Some(group) = groups.next().await {
+        if unflushed >= WRITEBACK_BYTES && flushing.as_ref().is_none_or(|f| f.is_finished()) {
+            if let Some(done) = flushing.take() {
+                done.await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(io_at(&part))?;
+            }
+            let f = file.try_clone().map_err(io_at(&part))?;
+            flushing = Some(tokio::task::spawn_blocking(move || f.sync_data()));
+            unflushed = 0;
+        }
         for (bytes, reused) in group? {
             let len = bytes.len() as u64;
             received += len;
@@ -2218,8 +2236,16 @@ async fn download_one(
             got.block_lens.push(bytes.len() as u32);
             fps.push(Some(chunker::fingerprint(&bytes)));
             file.write_all(&bytes).map_err(io_at(&part))?;
+            unflushed += len;
             progress.advance(len);
         }
+    }
+    if let Some(done) = flushing {
+        // A failed flush is reported (a later fsync may not see the error again).
+        done.await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(io_at(&part))?;
     }
     got.block_fps = fps.into_iter().collect::<Option<_>>().unwrap_or_default();
     file.set_len(received).map_err(io_at(&part))?;
