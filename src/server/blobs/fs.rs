@@ -813,5 +813,36 @@ mod tests {
         assert!(gone, "the stale place is gone");
         let h = protocol::block_hash(&b);
         assert_eq!(store.read_many(vec![h]).await.unwrap(), vec![Some(b)]);
+
+        // A writer killed before committing its rows leaves a pack nothing refers to (its
+        // lock goes with it): the next compaction deletes it.
+        let orphan = Bytes::from_static(b"never acknowledged");
+        let oh = protocol::block_hash(&orphan);
+        drop(store.write_pack(&[(oh.as_str(), &orphan[..])]).unwrap());
+        let before = pack_files(dir.path()).len();
+        let r = store.compact(Duration::ZERO).await.unwrap();
+        assert_eq!(r.packs_deleted, 1, "{r:?}");
+        assert_eq!(pack_files(dir.path()).len(), before - 1);
+        assert_eq!(store.get(&oh).await.unwrap(), None);
+    }
+
+    /// A data directory from before packs keeps its small blocks as files: still served,
+    /// checked, deleted.
+    #[tokio::test]
+    async fn small_blocks_stored_as_files_by_earlier_versions_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Bytes::from_static(b"a small block from an older server");
+        let h = protocol::block_hash(&old);
+        fs::create_dir_all(dir.path().join(&h[..2])).unwrap();
+        fs::write(dir.path().join(&h[..2]).join(&h), &old).unwrap();
+        let store = FsBlobStore::open(dir.path()).await.unwrap();
+        assert_eq!(store.get(&h).await.unwrap(), Some(old.clone()));
+        assert_eq!(
+            store.read_many(vec![h.clone()]).await.unwrap(),
+            vec![Some(old)]
+        );
+        assert_eq!(store.check(&h, true).await.unwrap(), BlockHealth::Ok);
+        store.delete(&h).await.unwrap();
+        assert_eq!(store.check(&h, false).await.unwrap(), BlockHealth::Missing);
     }
 }
