@@ -7,7 +7,8 @@
 //!   `blocks/packs.db` says where each lies. 20,000 small files cost a few dozen files created
 //!   instead of 20,000 creates, renames and directory updates. A pack is a run of records, each a
 //!   [`HEADER`]-byte header (`dbxP`, the block's hash in hex, its length as u32 LE) and then its
-//!   bytes, so a pack can be read without its index.
+//!   bytes, so a pack can be read without its index: a lost `packs.db` is rebuilt from the packs
+//!   when the store opens.
 //!
 //! Durability, in `put_many`: block files are written to `tmp/`; the pack is written to `tmp/`
 //! and linked into `packs/` (nothing refers to it until its index rows are committed); one
@@ -151,6 +152,7 @@ impl FsBlobStore {
     pub async fn open(root: &Path) -> Result<FsBlobStore, BlobError> {
         fs::create_dir_all(root.join("tmp"))?;
         fs::create_dir_all(root.join("packs"))?;
+        let had_index = root.join("packs.db").exists();
         let index = crate::sqlite::open(
             &root.join("packs.db"),
             true,
@@ -160,10 +162,83 @@ impl FsBlobStore {
         )
         .await
         .map_err(index_err)?;
-        Ok(FsBlobStore {
+        let store = FsBlobStore {
             root: root.to_path_buf(),
             index,
-        })
+        };
+        if !had_index {
+            store.rebuild_index().await?;
+        }
+        Ok(store)
+    }
+
+    /// Rebuilds a lost pack index from the packs themselves (each record names its block; each
+    /// is verified). Nothing to do for a new store. A pack's damaged tail ends its reading;
+    /// the blocks before it are kept.
+    async fn rebuild_index(&self) -> Result<(), BlobError> {
+        let mut packs = Vec::new();
+        for entry in fs::read_dir(self.root.join("packs"))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name
+                .strip_suffix(".pack")
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            {
+                packs.push(id as i64);
+            }
+        }
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let mut blocks = 0usize;
+        for &id in &packs {
+            let path = self.pack_path(id);
+            let rows = tokio::task::spawn_blocking(move || -> io::Result<Vec<Vec<Param>>> {
+                let raw = fs::read(&path)?;
+                let mut rows = Vec::new();
+                let mut at = 0usize;
+                while at + HEADER <= raw.len() && &raw[at..at + 4] == MAGIC {
+                    let hash = String::from_utf8_lossy(&raw[at + 4..at + 68]).into_owned();
+                    let len =
+                        u32::from_le_bytes(raw[at + 68..at + 72].try_into().expect("4 bytes"));
+                    let start = at + HEADER;
+                    let Some(bytes) = raw.get(start..start + len as usize) else {
+                        break;
+                    };
+                    if protocol::block_hash(bytes) == hash {
+                        rows.push(vec![
+                            Param::Text(hash),
+                            Param::Int(id),
+                            Param::Int(start as i64),
+                            Param::Int(i64::from(len)),
+                        ]);
+                    }
+                    at = start + len as usize;
+                }
+                if at != raw.len() {
+                    tracing::warn!(pack = %path.display(), at, "pack damaged past this offset");
+                }
+                Ok(rows)
+            })
+            .await
+            .map_err(join_err)??;
+            blocks += rows.len();
+            let mut tx = self.index.begin().await.map_err(index_err)?;
+            insert_rows(
+                &mut tx,
+                "INSERT OR IGNORE INTO packed (hash, pack, offset, len)",
+                "",
+                rows,
+            )
+            .await
+            .map_err(index_err)?;
+            tx.commit().await.map_err(index_err)?;
+        }
+        tracing::warn!(
+            packs = packs.len(),
+            blocks,
+            "the pack index was missing; rebuilt it from the packs"
+        );
+        Ok(())
     }
 
     /// Deletes what a server killed mid-write left in `tmp/`: nothing there was acknowledged.
@@ -824,6 +899,45 @@ mod tests {
         assert_eq!(r.packs_deleted, 1, "{r:?}");
         assert_eq!(pack_files(dir.path()).len(), before - 1);
         assert_eq!(store.get(&oh).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_lost_pack_index_is_rebuilt_from_the_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks: Vec<(String, Bytes)> = (0..5u8)
+            .map(|i| {
+                let b = Bytes::from(vec![i; 500 + usize::from(i)]);
+                (protocol::block_hash(&b), b)
+            })
+            .collect();
+        {
+            let store = FsBlobStore::open(dir.path()).await.unwrap();
+            store.put_many(blocks[..3].to_vec()).await.unwrap();
+            store.put_many(blocks[3..].to_vec()).await.unwrap();
+            store.index.close().await;
+        }
+        for f in ["packs.db", "packs.db-wal", "packs.db-shm"] {
+            let _ = fs::remove_file(dir.path().join(f));
+        }
+        // Damage the second pack's last record: the blocks before it survive.
+        let packs = pack_files(dir.path());
+        let last = packs
+            .iter()
+            .find(|p| {
+                let raw = fs::read(p).unwrap();
+                raw.windows(blocks[4].1.len()).any(|w| w == blocks[4].1)
+            })
+            .unwrap();
+        let mut raw = fs::read(last).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 1;
+        fs::write(last, raw).unwrap();
+
+        let store = FsBlobStore::open(dir.path()).await.unwrap();
+        for (i, (h, b)) in blocks.iter().enumerate() {
+            let got = store.get(h).await.unwrap();
+            assert_eq!(got.as_ref(), (i < 4).then_some(b), "block {i}");
+        }
     }
 
     /// A data directory from before packs keeps its small blocks as files: still served,
