@@ -1044,12 +1044,7 @@ impl EarlySend<'_> {
                 }
             }
         }
-        let mut hashes: Vec<String> = sources.keys().map(|h| h.to_string()).collect();
-        hashes.sort();
-        let mut missing = Vec::new();
-        for batch in hashes.chunks(MISSING_BATCH) {
-            missing.extend(self.remote.missing(batch.to_vec()).await?);
-        }
+        let missing = missing_blocks(self.remote, &sources).await?;
         let quiet: Arc<dyn Progress> = Arc::new(super::NoProgress);
         for window in missing.chunks(UPLOAD_WINDOW) {
             if hashed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1075,6 +1070,20 @@ impl EarlySend<'_> {
         }
         Ok(())
     }
+}
+
+/// Which of `sources`' blocks the server lacks (or the caller may not use), in hash order.
+async fn missing_blocks(
+    remote: &Remote,
+    sources: &HashMap<&str, (&str, &BlockRef)>,
+) -> Result<Vec<String>, EngineError> {
+    let mut hashes: Vec<String> = sources.keys().map(|h| h.to_string()).collect();
+    hashes.sort();
+    let mut missing = Vec::new();
+    for batch in hashes.chunks(MISSING_BATCH) {
+        missing.extend(remote.missing(batch.to_vec()).await?);
+    }
+    Ok(missing)
 }
 
 /// Digests of `files` (paths relative to `root`, with the blocks each had before): one big
@@ -1650,12 +1659,7 @@ impl Apply<'_> {
                 }
             }
         }
-        let mut hashes: Vec<String> = sources.keys().map(|h| h.to_string()).collect();
-        hashes.sort();
-        let mut missing = Vec::new();
-        for batch in hashes.chunks(MISSING_BATCH) {
-            missing.extend(self.remote.missing(batch.to_vec()).await?);
-        }
+        let missing = missing_blocks(self.remote, &sources).await?;
         let root = self.root;
         let remote = self.remote;
         let progress = self.progress.clone();

@@ -138,6 +138,10 @@ fn read_at(file: &File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// What one lookup-and-read found: the hashes asked, what each read gave, where the packed
+/// ones were.
+type ReadOnce = (Vec<String>, Vec<Read>, HashMap<String, Loc>);
+
 /// A pack written and locked, not yet in the index: its lock is held until the rows are.
 struct NewPack {
     _locked: File,
@@ -222,16 +226,7 @@ impl FsBlobStore {
             .await
             .map_err(join_err)??;
             blocks += rows.len();
-            let mut tx = self.index.begin().await.map_err(index_err)?;
-            insert_rows(
-                &mut tx,
-                "INSERT OR IGNORE INTO packed (hash, pack, offset, len)",
-                "",
-                rows,
-            )
-            .await
-            .map_err(index_err)?;
-            tx.commit().await.map_err(index_err)?;
+            self.insert_index("INSERT OR IGNORE", rows).await?;
         }
         tracing::warn!(
             packs = packs.len(),
@@ -367,20 +362,22 @@ impl FsBlobStore {
                 ]
             })
             .collect();
-        let mut tx = self.index.begin().await.map_err(index_err)?;
         // REPLACE: a copy held before (e.g. from an upload never recorded) gives way to the
         // one just written and verified; the old bytes become dead space for `compact`.
-        insert_rows(
-            &mut tx,
-            "INSERT OR REPLACE INTO packed (hash, pack, offset, len)",
-            "",
-            rows,
-        )
-        .await
-        .map_err(index_err)?;
-        tx.commit().await.map_err(index_err)?;
+        self.insert_index("INSERT OR REPLACE", rows).await?;
         tracing::debug!(pack = pack.id, blocks = pack.locs.len(), "pack committed");
         Ok(())
+    }
+
+    /// Index rows (hash, pack, offset, len) in one transaction; `verb` says what becomes of
+    /// a hash already indexed.
+    async fn insert_index(&self, verb: &str, rows: Vec<Vec<Param>>) -> Result<(), BlobError> {
+        let mut tx = self.index.begin().await.map_err(index_err)?;
+        let head = format!("{verb} INTO packed (hash, pack, offset, len)");
+        insert_rows(&mut tx, &head, "", rows)
+            .await
+            .map_err(index_err)?;
+        tx.commit().await.map_err(index_err)
     }
 
     /// Where the packed ones among `hashes` lie.
@@ -438,22 +435,26 @@ impl FsBlobStore {
             .collect()
     }
 
+    /// Looks `hashes` up and reads them (on a blocking thread), with where each was found.
+    async fn read_once(&self, hashes: Vec<String>) -> Result<ReadOnce, BlobError> {
+        let locs = self.locate(&hashes).await?;
+        let this = self.clone();
+        let (hashes, found, locs) = tokio::task::spawn_blocking(move || {
+            let found = this.read_sync(&hashes, &locs);
+            (hashes, found, locs)
+        })
+        .await
+        .map_err(join_err)?;
+        Ok((hashes, found?, locs))
+    }
+
     /// Reads blocks as stored, with where each packed one was found. A block whose pack was
     /// compacted away between lookup and read is looked up and read once more.
     async fn read(
         &self,
         hashes: Vec<String>,
     ) -> Result<(Vec<Option<Bytes>>, HashMap<String, Loc>), BlobError> {
-        let mut locs = self.locate(&hashes).await?;
-        let this = self.clone();
-        let (hashes, found, locs_back) = tokio::task::spawn_blocking(move || {
-            let found = this.read_sync(&hashes, &locs);
-            (hashes, found, locs)
-        })
-        .await
-        .map_err(join_err)?;
-        locs = locs_back;
-        let found = found?;
+        let (hashes, found, mut locs) = self.read_once(hashes).await?;
         let gone: Vec<String> = hashes
             .iter()
             .zip(&found)
@@ -462,15 +463,8 @@ impl FsBlobStore {
             .collect();
         let mut again = HashMap::new();
         if !gone.is_empty() {
-            let relocated = self.locate(&gone).await?;
-            let this = self.clone();
-            let (gone, reread, relocated) = tokio::task::spawn_blocking(move || {
-                let r = this.read_sync(&gone, &relocated);
-                (gone, r, relocated)
-            })
-            .await
-            .map_err(join_err)?;
-            for (hash, r) in gone.into_iter().zip(reread?) {
+            let (gone, reread, relocated) = self.read_once(gone).await?;
+            for (hash, r) in gone.into_iter().zip(reread) {
                 if let Some(loc) = relocated.get(&hash) {
                     locs.insert(hash.clone(), *loc);
                 }
