@@ -664,6 +664,28 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn delete_many(&self, hashes: Vec<String>) -> Result<(), BlobError> {
+        let json = serde_json::to_string(&hashes).map_err(io::Error::other)?;
+        sqlx::query("DELETE FROM packed WHERE hash IN (SELECT value FROM json_each(?))")
+            .bind(json)
+            .execute(&self.index)
+            .await
+            .map_err(index_err)?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for hash in &hashes {
+                match fs::remove_file(this.path_of(hash)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(join_err)??;
+        Ok(())
+    }
+
     async fn check(&self, hash: &str, read_data: bool) -> Result<BlockHealth, BlobError> {
         if !read_data {
             // Present: its file, or its pack holding at least its bytes' worth.
@@ -816,9 +838,8 @@ mod tests {
         let none = store.compact(Duration::ZERO).await.unwrap();
         assert_eq!(none, CompactReport::default());
         // Young packs are left alone whatever their state.
-        for (h, _) in &blocks[..6] {
-            store.delete(h).await.unwrap();
-        }
+        let doomed = blocks[..6].iter().map(|(h, _)| h.clone()).collect();
+        store.delete_many(doomed).await.unwrap();
         let young = store.compact(Duration::from_secs(3600)).await.unwrap();
         assert_eq!(young, CompactReport::default());
 
@@ -950,7 +971,8 @@ mod tests {
             vec![Some(old)]
         );
         assert_eq!(store.check(&h, true).await.unwrap(), BlockHealth::Ok);
-        store.delete(&h).await.unwrap();
+        store.delete_many(vec![h.clone()]).await.unwrap();
         assert_eq!(store.check(&h, false).await.unwrap(), BlockHealth::Missing);
+        assert!(!dir.path().join(&h[..2]).join(&h).exists());
     }
 }

@@ -64,6 +64,18 @@ pub trait BlobStore: Send + Sync + 'static {
     }
     /// Deletes a block's bytes (garbage collection); deleting a missing block is not an error.
     fn delete(&self, hash: &str) -> impl Future<Output = Result<(), BlobError>> + Send;
+    /// Deletes several blocks' bytes; may batch the work (one index transaction).
+    fn delete_many(
+        &self,
+        hashes: Vec<String>,
+    ) -> impl Future<Output = Result<(), BlobError>> + Send {
+        async move {
+            for hash in hashes {
+                self.delete(&hash).await?;
+            }
+            Ok(())
+        }
+    }
     /// Gives back the space of deleted blocks still on disk, leaving alone anything written less
     /// than `min_age` ago. A store that deletes bytes at once has nothing to do.
     fn compact(
