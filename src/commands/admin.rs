@@ -35,6 +35,24 @@ async fn retention_secs(store: &SqliteStore, days: Option<f64>) -> Result<i64> {
     Ok((days * 86_400.0) as i64)
 }
 
+/// The server setting recording how far back `dbx admin gc` has collected: versions superseded
+/// before it (unix seconds) may be gone.
+const GC_CUTOFF: &str = "gc_cutoff";
+
+async fn gc_cutoff(store: &SqliteStore) -> Result<i64> {
+    Ok(store
+        .setting(GC_CUTOFF)
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(i64::MIN / 2))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 fn store_err(e: StoreError) -> anyhow::Error {
     match e {
         StoreError::NotFound(m) => fail(exit::NOT_FOUND, m),
@@ -58,10 +76,16 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
         } => {
             let retention = retention_secs(&store, retention).await?;
             let blobs = FsBlobStore::open(&args.data.join("blocks")).await?;
+            let started = unix_now();
             let report =
                 maintenance::gc(&store, &blobs, retention, (grace * 3600.0) as i64, dry_run)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if !dry_run {
+                // Versions superseded before this moment may be gone now: fsck stops there.
+                let cutoff = (started - retention).max(gc_cutoff(&store).await?);
+                store.set_setting(GC_CUTOFF, &cutoff.to_string()).await?;
+            }
             printer.line(format!(
                 "{} {} blocks, {}",
                 if dry_run { "Would free" } else { "Freed" },
@@ -84,7 +108,10 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
             read_data,
             retention,
         } => {
-            let retention = retention_secs(&store, retention).await?;
+            // Not further back than a gc with a shorter retention collected.
+            let retention = retention_secs(&store, retention)
+                .await?
+                .min(unix_now() - gc_cutoff(&store).await?);
             let blobs = FsBlobStore::open(&args.data.join("blocks")).await?;
             let report = maintenance::fsck(&store, &blobs, retention, read_data).await??;
             for d in &report.damage {
