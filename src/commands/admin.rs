@@ -47,12 +47,6 @@ async fn gc_cutoff(store: &SqliteStore) -> Result<i64> {
         .unwrap_or(i64::MIN / 2))
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 fn store_err(e: StoreError) -> anyhow::Error {
     match e {
         StoreError::NotFound(m) => fail(exit::NOT_FOUND, m),
@@ -76,14 +70,13 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
         } => {
             let retention = retention_secs(&store, retention).await?;
             let blobs = FsBlobStore::open(&args.data.join("blocks")).await?;
-            let started = unix_now();
             let report =
                 maintenance::gc(&store, &blobs, retention, (grace * 3600.0) as i64, dry_run)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             if !dry_run {
                 // Versions superseded before this moment may be gone now: fsck stops there.
-                let cutoff = (started - retention).max(gc_cutoff(&store).await?);
+                let cutoff = report.cutoff.max(gc_cutoff(&store).await?);
                 store.set_setting(GC_CUTOFF, &cutoff.to_string()).await?;
             }
             printer.line(format!(
@@ -111,7 +104,7 @@ pub async fn run(args: AdminArgs, printer: Printer) -> Result<u8> {
             // Not further back than a gc with a shorter retention collected.
             let retention = retention_secs(&store, retention)
                 .await?
-                .min(unix_now() - gc_cutoff(&store).await?);
+                .min(crate::timefmt::now_secs() - gc_cutoff(&store).await?);
             let blobs = FsBlobStore::open(&args.data.join("blocks")).await?;
             let report = maintenance::fsck(&store, &blobs, retention, read_data).await??;
             for d in &report.damage {

@@ -668,7 +668,7 @@ pub async fn run(
         synced: &synced,
         remote_tree: &remote_tree,
         digests,
-        early_sent: early_sent.hashes,
+        early_sent,
         params: info.chunk,
         sources: &sources,
         renamed_away: HashSet::new(),
@@ -950,15 +950,12 @@ async fn hash_files(
     };
     let (results, early_sent) = futures::join!(hashing, sending);
     progress.finish();
-    if early_sent.blocks > 0 {
-        tracing::debug!(
-            blocks = early_sent.blocks,
-            bytes = early_sent.bytes,
-            "sent while hashing"
-        );
+    let (blocks, bytes) = (early_sent.len() as u64, early_sent.values().sum::<u64>());
+    if blocks > 0 {
+        tracing::debug!(blocks, bytes, "sent while hashing");
     }
-    report.blocks_uploaded += early_sent.blocks;
-    report.block_bytes_sent += early_sent.bytes;
+    report.blocks_uploaded += blocks;
+    report.block_bytes_sent += bytes;
     let mut out = HashMap::new();
     for (path, r) in results {
         match r {
@@ -993,12 +990,7 @@ struct EarlySend<'a> {
 }
 
 /// What [`EarlySend`] sent: each block with its length.
-#[derive(Default)]
-struct EarlySent {
-    blocks: u64,
-    bytes: u64,
-    hashes: HashMap<String, u64>,
-}
+type EarlySent = HashMap<String, u64>;
 
 impl EarlySend<'_> {
     async fn run(
@@ -1039,7 +1031,7 @@ impl EarlySend<'_> {
         let mut sources: HashMap<&str, (&str, &BlockRef)> = HashMap::new();
         for (path, d) in files {
             for b in &d.blocks {
-                if !sent.hashes.contains_key(&b.hash) {
+                if !sent.contains_key(&b.hash) {
                     sources.entry(&b.hash).or_insert((path, b));
                 }
             }
@@ -1061,9 +1053,7 @@ impl EarlySend<'_> {
             for h in window {
                 if let Some((path, b)) = sources.get(h.as_str()) {
                     if !changed.contains(path) {
-                        sent.blocks += 1;
-                        sent.bytes += u64::from(b.len);
-                        sent.hashes.insert(h.clone(), u64::from(b.len));
+                        sent.insert(h.clone(), u64::from(b.len));
                     }
                 }
             }
@@ -2140,6 +2130,11 @@ impl BlockSource<'_> {
     }
 }
 
+/// The outcome of a background flush started by `download_one`.
+async fn flushed(flush: tokio::task::JoinHandle<std::io::Result<()>>) -> std::io::Result<()> {
+    flush.await.map_err(std::io::Error::other)?
+}
+
 /// Downloads one file into place. Returns `None` when the destination changed since the scan
 /// (then nothing was replaced).
 async fn download_one(
@@ -2219,10 +2214,7 @@ async fn download_one(
     while let Some(group) = groups.next().await {
         if unflushed >= WRITEBACK_BYTES && flushing.as_ref().is_none_or(|f| f.is_finished()) {
             if let Some(done) = flushing.take() {
-                done.await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(io_at(&part))?;
+                flushed(done).await.map_err(io_at(&part))?;
             }
             let f = file.try_clone().map_err(io_at(&part))?;
             flushing = Some(tokio::task::spawn_blocking(move || f.sync_data()));
@@ -2246,10 +2238,7 @@ async fn download_one(
     }
     if let Some(done) = flushing {
         // A failed flush is reported (a later fsync may not see the error again).
-        done.await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(io_at(&part))?;
+        flushed(done).await.map_err(io_at(&part))?;
     }
     got.block_fps = fps.into_iter().collect::<Option<_>>().unwrap_or_default();
     file.set_len(received).map_err(io_at(&part))?;

@@ -27,6 +27,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// What the block store did to give the space back (nothing on a dry run).
     pub compaction: CompactReport,
+    /// Versions superseded before this time (unix seconds) were collectable.
+    #[serde(skip)]
+    pub cutoff: i64,
 }
 
 fn now() -> i64 {
@@ -53,6 +56,7 @@ pub async fn gc<M: MetaStore, B: BlobStore>(
         .await?;
     let mut report = GcReport {
         dry_run,
+        cutoff: started - retention_secs,
         ..GcReport::default()
     };
     // Forgotten blocks' bytes go a batch at a time (one index transaction for packed ones).

@@ -308,11 +308,8 @@ impl FsBlobStore {
         let tmp_dir = self.root.join("tmp");
         let mut staged = Vec::new();
         let mut small: Vec<(&str, &[u8])> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        // Each hash once: the routes drop repeats before they get here.
         for (hash, bytes) in blocks {
-            if !seen.insert(hash.as_str()) {
-                continue;
-            }
             if bytes.len() < PACK_BELOW {
                 small.push((hash, bytes));
                 continue;
