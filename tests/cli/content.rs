@@ -328,19 +328,8 @@ fn blocks_larger_than_the_average_download_in_smaller_requests() {
     a.init(da.path());
     b.init(db.path());
     a.ok(da.path(), &["push"]);
-    let out = b
-        .cmd(db.path())
-        .args(["--json", "pull"])
-        .env("RUST_LOG", "dbx=debug")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("too large for one request; split"),
-        "{}",
-        stderr(&out)
-    );
-    let report = parse_json(&out);
+    let (report, log) = b.json_logged(db.path(), &["pull"]);
+    assert!(log.contains("too large for one request; split"), "{log}");
     assert_eq!(report["files_downloaded"], 1, "{report}");
     let got = std::fs::read(db.path().join("disk.img")).unwrap();
     assert_eq!(sha_hex(&got), sha_hex(&data));
@@ -426,19 +415,8 @@ fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
         "a dry run stores nothing on the server"
     );
 
-    let out = dev
-        .cmd(&a)
-        .env("RUST_LOG", "dbx=debug")
-        .args(["--json", "push"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("sent while hashing"),
-        "{}",
-        stderr(&out)
-    );
-    let report = parse_json(&out);
+    let (report, log) = dev.json_logged(&a, &["push"]);
+    assert!(log.contains("sent while hashing"), "{log}");
     let blocks: usize = files.iter().map(|f| chunks(f).len()).sum();
     assert_eq!(report["files_uploaded"], 12, "{report}");
     assert_eq!(report["blocks_uploaded"], blocks as u64, "{report}");

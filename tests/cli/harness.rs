@@ -146,6 +146,20 @@ impl Client {
         })
     }
 
+    /// Runs `dbx --json ARGS` in `dir` with dbx's debug logs on, asserts success; returns the
+    /// parsed report and the log (stderr).
+    pub fn json_logged(&self, dir: &Path, args: &[&str]) -> (serde_json::Value, String) {
+        let out = self
+            .cmd(dir)
+            .arg("--json")
+            .args(args)
+            .env("RUST_LOG", "dbx=debug")
+            .output()
+            .expect("run dbx");
+        assert!(out.status.success(), "dbx {args:?}: {}", stderr(&out));
+        (parse_json(&out), stderr(&out))
+    }
+
     pub fn login(&self, server: &Server, user: &str) {
         let out = run_with_stdin(
             self.cmd(self.home.path()).args([

@@ -706,16 +706,9 @@ fn status_lists_pending_changes() {
 /// Runs `dbx --json sync` on device A with debug logs; returns the report and whether the
 /// run stopped early (nothing changed since a run that left nothing to do).
 fn sync_a_logged(p: &Pair) -> (Value, bool) {
-    let out = p
-        .dev_a
-        .cmd(&p.a)
-        .args(["--json", "sync"])
-        .env("RUST_LOG", "dbx=debug")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let settled = stderr(&out).contains("settled: nothing changed since the last run");
-    (parse_json(&out), settled)
+    let (report, log) = p.dev_a.json_logged(&p.a, &["sync"]);
+    let settled = log.contains("settled: nothing changed since the last run");
+    (report, settled)
 }
 
 /// Sets the mtime of every file below `root` a minute back: a file modified within the last
