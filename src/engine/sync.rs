@@ -625,13 +625,21 @@ pub async fn run(
     if replaced {
         index.clear().await?;
     }
-    // The stored remote tree and its cursor describe the server whatever happens next.
-    index
-        .save_remote(ROOT_NS, &remote_ops, cursor, &info.epoch)
-        .await?;
-    tracing::debug!(elapsed = ?t0.elapsed(), rows = remote_ops.len(), "remote tree saved");
-    // After a full listing these are a copy of the whole tree: not kept through the transfers.
-    drop(remote_ops);
+    // The stored remote tree and its cursor describe the server whatever happens next. They
+    // are written on the index's thread while the transfers start (a full listing is ~0.25 s
+    // of writing for 20,000 files), and are saved before anything this run did is recorded.
+    let index_ref = &index;
+    let epoch = info.epoch.as_str();
+    let save_remote = async move {
+        let saved = index_ref
+            .save_remote(ROOT_NS, &remote_ops, cursor, epoch)
+            .await;
+        tracing::debug!(elapsed = ?t0.elapsed(), rows = remote_ops.len(), "remote tree saved");
+        // After a full listing these are a copy of the whole tree: not kept through the
+        // transfers.
+        drop(remote_ops);
+        saved
+    };
     // Leftovers of a run that was killed mid-download: never synced, safe to drop; partial
     // big files are kept while this run still downloads them (it resumes from them).
     let wanted: HashSet<String> = plan
@@ -701,7 +709,7 @@ pub async fn run(
             }
         }
     }
-    let result = ctx.apply(&plan.actions).await;
+    let (saved, result) = futures::join!(save_remote, ctx.apply(&plan.actions));
     tracing::debug!(elapsed = ?t0.elapsed(), "applied");
     let Apply {
         ops,
@@ -713,6 +721,12 @@ pub async fn run(
     // Whatever happened, record what was done, so a re-run does not redo it.
     index.apply(&ops).await?;
     tracing::debug!(elapsed = ?t0.elapsed(), rows = ops.len(), "index entries written");
+    if let Err(e) = saved {
+        // The stored remote tree is still the previous run's, and its cursor with it: the next
+        // run lists the server's changes from there. This run's rows cannot go on top of it.
+        index.close().await;
+        return Err(e.into());
+    }
     // What this run committed goes into the stored remote tree now. The cursor moves over the
     // journal rows right after it that this run wrote and knows (its commits); any other row
     // is read next time (rows of this run among them cost no write then).
