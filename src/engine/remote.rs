@@ -60,8 +60,8 @@ impl RemoteError {
     }
 }
 
-/// Runs `attempt` until it succeeds, fails for good, or runs out of retries.
-async fn retrying<T, F, Fut>(what: &str, mut attempt: F) -> RemoteResult<T>
+/// Runs `attempt` until it succeeds, fails for good, or has been retried `retries` times.
+async fn retrying<T, F, Fut>(retries: u32, what: &str, mut attempt: F) -> RemoteResult<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = RemoteResult<T>>,
@@ -70,14 +70,14 @@ where
     let mut tries = 0;
     loop {
         match attempt().await {
-            Err(e) if e.is_transient() && tries < RETRIES => {
+            Err(e) if e.is_transient() && tries < retries => {
                 tries += 1;
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.subsec_nanos());
                 let jitter = wait.mul_f64(f64::from(nanos % 500) / 1000.0);
                 tracing::warn!(
-                    "{what} failed ({e}); retry {tries}/{RETRIES} in {:?}",
+                    "{what} failed ({e}); retry {tries}/{retries} in {:?}",
                     wait + jitter
                 );
                 tokio::time::sleep(wait + jitter).await;
@@ -93,6 +93,8 @@ pub struct Remote {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// Further attempts after a transient failure (see [`retrying`]).
+    retries: u32,
 }
 
 impl std::fmt::Debug for Remote {
@@ -123,7 +125,21 @@ impl Remote {
             .user_agent(concat!("dbx/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| RemoteError::Protocol(e.to_string()))?;
-        Ok(Remote { base, token, http })
+        Ok(Remote {
+            base,
+            token,
+            http,
+            retries: RETRIES,
+        })
+    }
+
+    /// The same server, each request tried once: for work that is only a head start on what
+    /// a later request does anyway (with retries), so a failing server is not waited for twice.
+    pub fn single_attempt(&self) -> Remote {
+        Remote {
+            retries: 0,
+            ..self.clone()
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -213,7 +229,7 @@ impl Remote {
     }
 
     pub async fn info(&self) -> RemoteResult<InfoResponse> {
-        retrying("server info", || {
+        retrying(self.retries, "server info", || {
             self.json(self.request(Method::GET, r::INFO))
         })
         .await
@@ -225,13 +241,15 @@ impl Remote {
 
     pub async fn missing(&self, hashes: Vec<String>) -> RemoteResult<Vec<String>> {
         let req = MissingRequest { hashes };
-        let resp: MissingResponse =
-            retrying("block check", || self.post(r::BLOCKS_MISSING, &req)).await?;
+        let resp: MissingResponse = retrying(self.retries, "block check", || {
+            self.post(r::BLOCKS_MISSING, &req)
+        })
+        .await?;
         Ok(resp.missing)
     }
 
     pub async fn put_block(&self, hash: &str, bytes: Bytes) -> RemoteResult<PutBlockResponse> {
-        retrying("block upload", || {
+        retrying(self.retries, "block upload", || {
             self.json(
                 self.request(Method::PUT, &r::block(hash))
                     .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -253,7 +271,7 @@ impl Remote {
             parts.push(bytes);
         }
         let length: u64 = parts.iter().map(|b| b.len() as u64).sum();
-        retrying("block upload", || {
+        retrying(self.retries, "block upload", || {
             let body =
                 futures::stream::iter(parts.clone().into_iter().map(Ok::<_, std::io::Error>));
             self.json(
@@ -271,7 +289,7 @@ impl Remote {
         let req = p::FetchRequest {
             hashes: hashes.to_vec(),
         };
-        let decoded = retrying("block download", || async {
+        let decoded = retrying(self.retries, "block download", || async {
             let resp = self
                 .send(self.request(Method::POST, r::BLOCKS_FETCH).json(&req))
                 .await?;
@@ -324,8 +342,10 @@ impl Remote {
         commits: Vec<CommitRequest>,
     ) -> RemoteResult<Vec<RemoteResult<p::Committed>>> {
         let req = p::CommitBatchRequest { commits };
-        let resp: p::CommitBatchResponse =
-            retrying("commit", || self.post(r::FILES_COMMIT_BATCH, &req)).await?;
+        let resp: p::CommitBatchResponse = retrying(self.retries, "commit", || {
+            self.post(r::FILES_COMMIT_BATCH, &req)
+        })
+        .await?;
         Ok(resp
             .results
             .into_iter()
@@ -520,4 +540,66 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with 503, counting them.
+    async fn unavailable_server() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut seen = Vec::new();
+                    // One request per connection: its head, then the answer, then close.
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
+                              connection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        (url, count)
+    }
+
+    /// A transient failure is retried RETRIES times by default, not at all by a
+    /// single-attempt client; both end with the failure.
+    #[tokio::test]
+    async fn single_attempt_clients_do_not_retry() {
+        let (url, count) = unavailable_server().await;
+        let remote = Remote::new(&url, None).unwrap();
+        let once = remote.single_attempt();
+        let err = once.missing(vec!["a".repeat(64)]).await.unwrap_err();
+        assert!(
+            matches!(err, RemoteError::Unavailable { status: 503, .. }),
+            "{err:?}"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+
+        let err = remote.missing(vec!["a".repeat(64)]).await.unwrap_err();
+        assert!(
+            matches!(err, RemoteError::Unavailable { status: 503, .. }),
+            "{err:?}"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2 + RETRIES as usize);
+    }
 }
