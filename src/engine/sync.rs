@@ -63,6 +63,8 @@ const DOWNLOAD_GROUPS_IN_FLIGHT: usize = 3;
 const DOWNLOAD_FETCHES_IN_FLIGHT: usize = 2;
 /// Bytes of a big download written between two background flushes (see `download_one`).
 const WRITEBACK_BYTES: u64 = 64 << 20;
+/// Index rows handed to the index writer at a time while a run goes on.
+const RECORD_BATCH: usize = 2000;
 /// Hashes per `blocks/missing` request.
 const MISSING_BATCH: usize = 1000;
 /// Blocks of new files sent while others are still being hashed, per round (see
@@ -631,10 +633,13 @@ pub async fn run(
     }
     // The stored remote tree and its cursor describe the server whatever happens next. They
     // are written on the index's thread while the transfers start (a full listing is ~0.25 s
-    // of writing for 20,000 files), and are saved before anything this run did is recorded.
+    // of writing for 20,000 files); then, as the transfers go on, the index rows of what is
+    // done (see `Apply::hand_over_records`), so a run killed halfway keeps them and the next
+    // run does not read those files again. Nothing is recorded before the remote tree is saved.
     let index_ref = &index;
     let epoch = info.epoch.as_str();
-    let save_remote = async move {
+    let (records, mut to_record) = futures::channel::mpsc::unbounded::<Vec<IndexOp>>();
+    let recording = async move {
         let saved = index_ref
             .save_remote(ROOT_NS, &remote_ops, cursor, epoch)
             .await;
@@ -642,7 +647,27 @@ pub async fn run(
         // After a full listing these are a copy of the whole tree: not kept through the
         // transfers.
         drop(remote_ops);
-        saved
+        let mut recorded = Recorded {
+            saved,
+            written: Vec::new(),
+            unwritten: Vec::new(),
+            failed: None,
+        };
+        while let Some(batch) = to_record.next().await {
+            if recorded.failed.is_none() {
+                match index_ref.apply(&batch).await {
+                    Ok(()) => {
+                        recorded.written.extend(batch);
+                        let rows = recorded.written.len();
+                        tracing::debug!(rows, "index rows written during the run");
+                        continue;
+                    }
+                    Err(e) => recorded.failed = Some(e),
+                }
+            }
+            recorded.unwritten.extend(batch);
+        }
+        recorded
     };
     // Leftovers of a run that was killed mid-download: never synced, safe to drop; partial
     // big files are kept while this run still downloads them (it resumes from them).
@@ -687,6 +712,8 @@ pub async fn run(
         ops: Vec::new(),
         remote_ops: Vec::new(),
         own_rows: Vec::new(),
+        records: Some(records),
+        unsynced: false,
         report,
         progress: progress.clone(),
     };
@@ -713,18 +740,39 @@ pub async fn run(
             }
         }
     }
-    let (saved, result) = futures::join!(save_remote, ctx.apply(&plan.actions));
-    tracing::debug!(elapsed = ?t0.elapsed(), "applied");
+    let applying = async {
+        let r = ctx.apply(&plan.actions).await;
+        // Closes the channel: the writer ends once it has written what it was handed.
+        ctx.records = None;
+        r
+    };
+    let (recorded, result) = futures::join!(recording, applying);
+    tracing::debug!(elapsed = ?t0.elapsed(), rows = recorded.written.len(), "applied");
     let Apply {
-        ops,
+        ops: rest,
         remote_ops,
         own_rows,
         report,
         ..
     } = ctx;
-    // Whatever happened, record what was done, so a re-run does not redo it.
-    index.apply(&ops).await?;
-    tracing::debug!(elapsed = ?t0.elapsed(), rows = ops.len(), "index entries written");
+    // Whatever happened, record what was done, so a re-run does not redo it: what the writer
+    // could not write, then what it was not handed; `ops` is all of it, in order.
+    let Recorded {
+        saved,
+        written,
+        mut unwritten,
+        failed,
+    } = recorded;
+    let first_unwritten = written.len();
+    let mut ops = written;
+    ops.append(&mut unwritten);
+    ops.extend(rest);
+    index.apply(&ops[first_unwritten..]).await?;
+    tracing::debug!(elapsed = ?t0.elapsed(), rows = ops.len() - first_unwritten, "index entries written");
+    if let Some(e) = failed {
+        // Written now instead; the run goes on as if nothing happened.
+        tracing::warn!("writing the index during the run failed ({e}); written at its end");
+    }
     if let Err(e) = saved {
         // The stored remote tree is still the previous run's, and its cursor with it: the next
         // run lists the server's changes from there. This run's rows cannot go on top of it.
@@ -770,6 +818,15 @@ pub async fn run(
     index.close().await;
     result?;
     Ok(report)
+}
+
+/// What the index writer of a run did (see `run`): the stored remote tree saved or not, then
+/// the index rows it was handed, in order, written or (after a failed write) not.
+struct Recorded {
+    saved: Result<(), sqlx::Error>,
+    written: Vec<IndexOp>,
+    unwritten: Vec<IndexOp>,
+    failed: Option<sqlx::Error>,
 }
 
 /// The name of a direction, in reports and in the index's `settled` table.
@@ -1146,6 +1203,11 @@ struct Apply<'a> {
     /// Ids of the journal rows this run wrote whose effect is in `remote_ops` (folders made
     /// and files written by commits): the stored cursor may move over them.
     own_rows: Vec<i64>,
+    /// Where recorded index rows go to be written while the run goes on (see `run`).
+    records: Option<futures::channel::mpsc::UnboundedSender<Vec<IndexOp>>>,
+    /// Whether local changes recorded in `ops` may not be durable yet (no filesystem sync
+    /// since): moves, deletes, folders, conflicted copies.
+    unsynced: bool,
     report: Report,
     progress: Arc<dyn Progress>,
 }
@@ -1347,6 +1409,31 @@ impl Apply<'_> {
         ));
     }
 
+    /// Hands the first `durable` index rows recorded so far to the index writer once there
+    /// are enough of them for a transaction; they are written while the transfers go on.
+    /// `durable`: how many rows describe local changes the filesystem has made durable (a row
+    /// written before the rename it describes could, after a power cut, tell the next run a file
+    /// was deleted here). Rows of commits need no local sync.
+    /// Returns how many rows it handed over (all `durable` or none).
+    fn hand_over_records(&mut self, durable: usize) -> usize {
+        if durable < RECORD_BATCH {
+            return 0;
+        }
+        let Some(records) = &self.records else {
+            return 0;
+        };
+        let batch: Vec<IndexOp> = self.ops.drain(..durable).collect();
+        if let Err(e) = records.unbounded_send(batch) {
+            // The writer is gone: the rows are written at the end of the run.
+            let mut back = e.into_inner();
+            back.append(&mut self.ops);
+            self.ops = back;
+            self.records = None;
+            return 0;
+        }
+        durable
+    }
+
     fn record_dir(&mut self, path: &str, rev: i64) {
         let entry = dir_entry(path.to_string(), rev);
         self.record(path, &entry, (Vec::new(), Vec::new()));
@@ -1384,6 +1471,15 @@ impl Apply<'_> {
         let mut uploads = Vec::new();
         let mut downloads = Vec::new();
         for a in actions {
+            if matches!(
+                a,
+                Action::MoveLocal { .. }
+                    | Action::DeleteLocal { .. }
+                    | Action::MkdirLocal { .. }
+                    | Action::ConflictCopy { .. }
+            ) {
+                self.unsynced = true;
+            }
             match a {
                 Action::MoveRemote { from, to, rev } => self.move_remote(from, to, *rev).await?,
                 Action::MoveLocal { from, to } => self.move_local(from, to)?,
@@ -1623,36 +1719,70 @@ impl Apply<'_> {
         }
         self.progress.start("uploading", total);
         let t0 = std::time::Instant::now();
-        let this = &*self;
+        // Lent to the chunks while their outcomes are absorbed as they come.
+        let digests = std::mem::take(&mut self.digests);
+        let early_sent = std::mem::take(&mut self.early_sent);
+        let cx = UploadCx {
+            root: self.root,
+            remote: self.remote,
+            remote_root: self.remote_root,
+            scan: self.scan,
+            digests: &digests,
+            early_sent: &early_sent,
+            progress: self.progress.clone(),
+        };
         let mut sent = stream::iter(chunks)
-            .map(|c| this.upload_chunk(c))
+            .map(|c| cx.upload_chunk(c))
             .buffered(UPLOAD_CHUNKS_IN_FLIGHT);
-        let mut outcomes = Vec::new();
         let mut failed = None;
         while let Some(r) = sent.next().await {
-            match r {
-                Ok(o) => outcomes.push(o),
-                // Stop starting chunks; what committed so far is still recorded below.
-                Err(e) => {
-                    failed = Some(e);
+            // A failure stops starting chunks; what committed so far is recorded.
+            if let Err(e) = r.and_then(|o| self.absorb_upload(o, &digests)) {
+                failed = Some(e);
+                break;
+            }
+            if self.ops.len() >= RECORD_BATCH && self.unsynced {
+                // Rows of local changes made before the upload are among them.
+                if let Err(e) = sync_filesystem(self.root) {
+                    failed = Some(io_at(self.root)(e));
                     break;
                 }
+                self.unsynced = false;
+            }
+            if !self.unsynced {
+                self.hand_over_records(self.ops.len());
             }
         }
         drop(sent);
+        self.digests = digests;
+        self.early_sent = early_sent;
         self.progress.finish();
         tracing::debug!(elapsed = ?t0.elapsed(), "upload: sent and committed");
-        for o in outcomes {
-            self.absorb_upload(o)?;
-        }
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
+
+/// What the chunks of an upload read: borrowed from [`Apply`] while it absorbs their outcomes.
+struct UploadCx<'a> {
+    root: &'a Path,
+    remote: &'a Remote,
+    remote_root: &'a str,
+    scan: &'a Scan,
+    digests: &'a HashMap<String, Digest>,
+    early_sent: &'a EarlySent,
+    progress: Arc<dyn Progress>,
+}
+
+impl UploadCx<'_> {
+    fn remote_path(&self, rel: &str) -> String {
+        protocol::join_path(self.remote_root, rel)
+    }
 
     /// One chunk of an upload: which blocks the server lacks, sending them, then one commit
-    /// request for the chunk's files. Changes nothing in `self`: the caller absorbs the result.
+    /// request for the chunk's files. The caller absorbs the result.
     async fn upload_chunk(
         &self,
         files: Vec<(String, Option<i64>)>,
@@ -1727,9 +1857,15 @@ impl Apply<'_> {
         }
         Ok(out)
     }
+}
 
+impl Apply<'_> {
     /// Records what an upload chunk did: counts, warnings, conflicts, index and remote ops.
-    fn absorb_upload(&mut self, o: ChunkUploaded) -> Result<(), EngineError> {
+    fn absorb_upload(
+        &mut self,
+        o: ChunkUploaded,
+        digests: &HashMap<String, Digest>,
+    ) -> Result<(), EngineError> {
         self.report.blocks_uploaded += o.blocks_uploaded;
         self.report.block_bytes_sent += o.block_bytes_sent;
         self.report.bytes_deduplicated += o.bytes_deduplicated;
@@ -1745,8 +1881,7 @@ impl Apply<'_> {
                     self.report.files_uploaded += 1;
                     // The index records the stat seen when the file was hashed: an edit since
                     // then has another stat and is picked up by the next run.
-                    let (block_lens, block_fps) = self
-                        .digests
+                    let (block_lens, block_fps) = digests
                         .get(&path)
                         .map(|d| (lens_of(d), fps_of(d)))
                         .unwrap_or_default();
@@ -1860,10 +1995,12 @@ impl Apply<'_> {
         if !group.is_empty() {
             groups.push(group);
         }
+        let clock = Arc::new(SyncClock::default());
         let grouped = stream::iter(groups)
             .map(|g| {
                 let progress = progress.clone();
-                async move { download_group(root, remote, g, &progress).await }
+                let clock = clock.clone();
+                async move { download_group(root, remote, g, &progress, clock).await }
             })
             .buffer_unordered(DOWNLOAD_GROUPS_IN_FLIGHT)
             .flat_map(stream::iter);
@@ -1883,12 +2020,16 @@ impl Apply<'_> {
                 }
             })
             .buffer_unordered(DOWNLOAD_FILES_PARALLELISM);
-        // Both at once: a big file downloads while the small ones are written.
-        let results: Vec<_> = stream::select(grouped, single).collect().await;
-        self.progress.finish();
+        // Both at once: a big file downloads while the small ones are written. Each file is
+        // recorded as it lands, its row handed to the index writer once a filesystem sync
+        // that started after its rename has completed (`landed`: marks and row counts, in
+        // order; `durable`: rows known durable, not yet handed over).
+        let mut results = stream::select(grouped, single);
+        let mut landed: std::collections::VecDeque<(u64, usize)> = Default::default();
+        let mut durable = 0;
         let mut dirs = HashSet::new();
         let mut first_err = None;
-        for (path, entry, r) in results {
+        while let Some((path, entry, r)) = results.next().await {
             match r {
                 Ok(Some(got)) => {
                     self.report.files_downloaded += 1;
@@ -1906,19 +2047,71 @@ impl Apply<'_> {
                     first_err.get_or_insert(e);
                 }
             }
+            landed.push_back((clock.mark(), self.ops.len()));
+            while let Some(&(mark, rows)) = landed.front() {
+                if !clock.covers(mark) {
+                    break;
+                }
+                durable = rows;
+                landed.pop_front();
+            }
+            let handed = self.hand_over_records(durable);
+            if handed > 0 {
+                durable = 0;
+                for (_, rows) in landed.iter_mut() {
+                    *rows -= handed;
+                }
+            }
         }
+        drop(results);
+        self.progress.finish();
         // The renames become durable with the directories: one filesystem sync for them all
         // (cheaper than an fsync per folder when a pull touches many folders).
-        if !dirs.is_empty() {
-            if let Ok(f) = File::open(self.root) {
-                let _ = rustix::fs::syncfs(f);
-            }
+        if (!dirs.is_empty() || self.unsynced) && clock.sync(self.root).is_ok() {
+            self.unsynced = false;
         }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
+
+/// Orders the index rows of downloaded files after the filesystem syncs that make their
+/// renames durable: a sync that started after a rename covers it once it has completed.
+#[derive(Default)]
+struct SyncClock {
+    /// Syncs started, and the latest-started of those completed (by their order of start).
+    started: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+}
+
+impl SyncClock {
+    /// Syncs the filesystem that holds `dir`.
+    fn sync(&self, dir: &Path) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let seq = self.started.fetch_add(1, SeqCst) + 1;
+        sync_filesystem(dir)?;
+        self.completed.fetch_max(seq, SeqCst);
+        Ok(())
+    }
+
+    /// A mark for the changes made so far (see [`SyncClock::covers`]).
+    fn mark(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a sync started after `mark` was taken has completed.
+    fn covers(&self, mark: u64) -> bool {
+        self.completed.load(std::sync::atomic::Ordering::SeqCst) > mark
+    }
+}
+
+/// Makes everything written to the filesystem that holds `dir` durable (`syncfs`: one call
+/// for many files, cheaper than an fsync each).
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    let d = File::open(dir)?;
+    rustix::fs::syncfs(d).map_err(Into::into)
 }
 
 /// What one download took.
@@ -1940,6 +2133,7 @@ async fn download_group(
     remote: &Remote,
     group: Vec<Job>,
     progress: &Arc<dyn Progress>,
+    clock: Arc<SyncClock>,
 ) -> Vec<(
     String,
     protocol::Entry,
@@ -1975,7 +2169,7 @@ async fn download_group(
             staged.push((path, entry, expected, lens, r));
         }
         // One sync makes every staged file durable; then each rename.
-        let synced = File::open(&root).and_then(|d| rustix::fs::syncfs(d).map_err(Into::into));
+        let synced = clock.sync(&root);
         staged
             .into_iter()
             .map(|(path, entry, expected, lens, r)| {

@@ -643,6 +643,76 @@ fn crash_mid_sync_converges() {
     assert!(plan_of(&status).is_empty(), "{status}");
 }
 
+/// A pull writes the index rows of the files it has landed while it runs (once a filesystem
+/// sync has made their renames durable): killed halfway, it keeps them, and the next run
+/// neither fetches nor reads those files again.
+#[test]
+fn killed_pull_keeps_the_files_it_recorded() {
+    let p = Pair::new();
+    let mut rng = Rng::new(21);
+    let files = 6000;
+    for i in 0..files {
+        write_file(&p.a.join(format!("f{i:04}.bin")), &rng.bytes(16 << 10));
+    }
+    // Old mtimes: rows recorded for recent files would be read again by every run anyway.
+    age_files(&p.a);
+    p.sync_a();
+
+    let log_path = p.work.path().join("pull.log");
+    let mut child = p
+        .dev_b
+        .cmd(&p.b)
+        .arg("pull")
+        .env("RUST_LOG", "dbx=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let marker = "index rows written during the run";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains(marker) || Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    // Rows the pull said were written before it was killed.
+    let written: usize = log
+        .lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| l.rsplit("rows=").next()?.trim().parse().ok())
+        .max()
+        .unwrap_or_else(|| panic!("no index rows written during the pull:\n{log}"));
+    eprintln!("killed after {written} rows written (finished first: {finished})");
+    assert!(written >= 1000, "{written}");
+
+    // What the next run would do: nothing for the recorded files (a downloaded file the index
+    // does not know yet is read and recorded; a missing one downloaded).
+    let status = p.dev_b.json(&p.b, &["status"]);
+    let planned = status["plan"].as_array().unwrap().len();
+    assert!(
+        planned <= files - written,
+        "{planned} actions planned after {written} of {files} files were recorded"
+    );
+    let (report, log) = p.dev_b.json_logged(&p.b, &["pull"]);
+    assert!(
+        n(&report, "files_downloaded") as usize <= files - written,
+        "{report}"
+    );
+    assert!(!log.contains("ERROR"), "{log}");
+    assert_same(&digest_tree(&p.b), &digest_tree(&p.a));
+    assert!(temp_files(&p.b).is_empty(), "{:?}", temp_files(&p.b));
+    let status = p.dev_b.json(&p.b, &["status"]);
+    assert!(plan_of(&status).is_empty(), "{status}");
+}
+
 #[test]
 fn status_lists_pending_changes() {
     let p = Pair::new();
