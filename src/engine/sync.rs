@@ -753,8 +753,15 @@ pub async fn run(
         remote_ops,
         own_rows,
         report,
+        unsynced,
         ..
     } = ctx;
+    if unsynced {
+        // Local moves, deletes or folders are recorded below: durable first.
+        if let Err(e) = sync_filesystem(&folder.root) {
+            tracing::warn!("syncing the folder's filesystem failed: {e}");
+        }
+    }
     // Whatever happened, record what was done, so a re-run does not redo it: what the writer
     // could not write, then what it was not handed; `ops` is all of it, in order.
     let Recorded {
