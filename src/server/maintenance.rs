@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::blobs::{BlobStore, BlockHealth, CompactReport};
 use super::store::{MetaStore, StoreResult};
+use crate::timefmt::now_secs;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
@@ -32,13 +33,6 @@ pub struct GcReport {
     pub cutoff: i64,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Blocks whose bytes are deleted together (a crash in between leaves at most this many
 /// blocks' bytes without their row, never a row without its bytes).
 const GC_DELETE_BATCH: usize = 256;
@@ -50,7 +44,7 @@ pub async fn gc<M: MetaStore, B: BlobStore>(
     grace_secs: i64,
     dry_run: bool,
 ) -> Result<GcReport, Box<dyn std::error::Error + Send + Sync>> {
-    let started = now();
+    let started = now_secs();
     let candidates = store
         .gc_candidates(started, retention_secs, grace_secs)
         .await?;
@@ -108,7 +102,7 @@ pub async fn fsck<M: MetaStore, B: BlobStore>(
     retention_secs: i64,
     read_data: bool,
 ) -> StoreResult<Result<FsckReport, super::blobs::BlobError>> {
-    let versions = store.retained_versions(now(), retention_secs).await?;
+    let versions = store.retained_versions(now_secs(), retention_secs).await?;
     let mut report = FsckReport {
         read_data,
         ..FsckReport::default()
@@ -202,7 +196,7 @@ mod tests {
         // Blocks referenced in the second GC starts are spared; let that second pass.
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
-        let started = now();
+        let started = now_secs();
         let candidates = store.gc_candidates(started, 0, 0).await.unwrap();
         assert!(
             candidates.iter().any(|(h, _)| *h == b),
@@ -262,7 +256,7 @@ mod tests {
         store.commit_file(ns, &actor, &second).await.unwrap();
         // As seen by a collection starting a second later (blocks referenced in the second a
         // collection starts are spared).
-        let t = now() + 1;
+        let t = now_secs() + 1;
         // A day of retention keeps the superseded version; a day of grace keeps the upload.
         let c = store.gc_candidates(t, 86_400, 86_400).await.unwrap();
         assert!(c.is_empty(), "{c:?}");

@@ -15,6 +15,7 @@ use crate::protocol::{
     self, CommitRequest, Entry, EntryKind, JournalEntry, JournalOp, MAX_MISSING_BATCH,
 };
 use crate::sqlite::{insert_rows, Param};
+use crate::timefmt::now_secs;
 
 const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
     (
@@ -32,13 +33,6 @@ const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn join_blocks(blocks: &[String]) -> String {
@@ -253,7 +247,7 @@ impl SqliteStore {
             crate::sqlite::open(path, true, MIGRATIONS, 8, crate::sqlite::Durability::Full).await?;
         let store = SqliteStore { pool };
         let epoch = protocol::block_hash(
-            format!("{}-{:?}", now(), std::time::SystemTime::now()).as_bytes(),
+            format!("{}-{:?}", now_secs(), std::time::SystemTime::now()).as_bytes(),
         );
         sqlx::query("INSERT OR IGNORE INTO server_meta (key, value) VALUES ('epoch', ?)")
             .bind(&epoch[..16])
@@ -320,7 +314,7 @@ impl SqliteStore {
         .bind(c.executable as i64)
         .bind(actor.user_id)
         .bind(actor.device.as_deref())
-        .bind(now())
+        .bind(now_secs())
         .execute(&mut *tx)
         .await?;
         Ok(id)
@@ -514,7 +508,7 @@ impl SqliteStore {
         .bind(req.executable as i64)
         .execute(&mut *tx)
         .await?;
-        let now = now();
+        let now = now_secs();
         for hash in req.blocks.iter().collect::<HashSet<_>>() {
             sqlx::query("INSERT OR IGNORE INTO ns_blocks (ns, hash) VALUES (?, ?)")
                 .bind(ns)
@@ -797,7 +791,7 @@ impl SqliteStore {
         head: i64,
         referenced: &HashSet<&str>,
     ) -> StoreResult<()> {
-        let now = now();
+        let now = now_secs();
         if !rows.is_empty() {
             let journal = rows
                 .iter()
@@ -932,7 +926,7 @@ impl MetaStore for SqliteStore {
         let ns: i64 = sqlx::query_scalar(
             "INSERT INTO namespaces (kind, created_at) VALUES ('user', ?) RETURNING id",
         )
-        .bind(now())
+        .bind(now_secs())
         .fetch_one(&mut *tx)
         .await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE name = ?")
@@ -952,7 +946,7 @@ impl MetaStore for SqliteStore {
         .bind(password_hash)
         .bind(quota_bytes)
         .bind(ns)
-        .bind(now())
+        .bind(now_secs())
         .fetch_one(&mut *tx)
         .await?;
         let user = user_from_row(&row)?;
@@ -1023,7 +1017,7 @@ impl MetaStore for SqliteStore {
         .bind(token_hash)
         .bind(user_id)
         .bind(device)
-        .bind(now())
+        .bind(now_secs())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1110,7 +1104,7 @@ impl MetaStore for SqliteStore {
         if blocks.is_empty() {
             return Ok(());
         }
-        let now = now();
+        let now = now_secs();
         let mut tx = self.pool.begin().await?;
         let rows = blocks
             .iter()
