@@ -1417,11 +1417,11 @@ impl Apply<'_> {
     }
 
     /// Hands the first `durable` index rows recorded so far to the index writer once there
-    /// are enough of them for a transaction; they are written while the transfers go on.
-    /// `durable`: how many rows describe local changes the filesystem has made durable (a row
-    /// written before the rename it describes could, after a power cut, tell the next run a file
-    /// was deleted here). Rows of commits need no local sync.
-    /// Returns how many rows it handed over (all `durable` or none).
+    /// are enough of them for a transaction (they are written while the transfers go on), and
+    /// says how many it handed over: all `durable` or none. `durable`: how many rows describe
+    /// local changes the filesystem has made durable (a row written before the rename it
+    /// describes could, after a power cut, tell the next run a file was deleted here). Rows of
+    /// commits need no local sync.
     fn hand_over_records(&mut self, durable: usize) -> usize {
         if durable < RECORD_BATCH {
             return 0;
