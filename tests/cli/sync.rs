@@ -643,29 +643,16 @@ fn crash_mid_sync_converges() {
     assert!(plan_of(&status).is_empty(), "{status}");
 }
 
-/// A pull writes the index rows of the files it has landed while it runs (once a filesystem
-/// sync has made their renames durable): killed halfway, it keeps them, and the next run
-/// neither fetches nor reads those files again.
-#[test]
-fn killed_pull_keeps_the_files_it_recorded() {
-    let p = Pair::new();
-    let mut rng = Rng::new(21);
-    let files = 6000;
-    for i in 0..files {
-        write_file(&p.a.join(format!("f{i:04}.bin")), &rng.bytes(16 << 10));
-    }
-    // Old mtimes: rows recorded for recent files would be read again by every run anyway.
-    age_files(&p.a);
-    p.sync_a();
-
-    let log_path = p.work.path().join("pull.log");
-    let mut child = p
-        .dev_b
-        .cmd(&p.b)
-        .arg("pull")
+/// Runs `dbx ARGS` in `dir` with debug logs and SIGKILLs it once it logs index rows written
+/// during the run (or when it ends first). Returns the most rows it said it had written, and
+/// whether it ended by itself.
+fn kill_after_rows_written(dev: &Client, dir: &Path, args: &[&str], log: &Path) -> (usize, bool) {
+    let mut child = dev
+        .cmd(dir)
+        .args(args)
         .env("RUST_LOG", "dbx=debug")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
     let marker = "index rows written during the run";
@@ -674,32 +661,64 @@ fn killed_pull_keeps_the_files_it_recorded() {
         if child.try_wait().unwrap().is_some() {
             break true;
         }
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains(marker) || Instant::now() > deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(marker) || Instant::now() > deadline {
             break false;
         }
         std::thread::sleep(Duration::from_millis(1));
     };
     child.kill().unwrap();
     child.wait().unwrap();
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    // Rows the pull said were written before it was killed.
-    let written: usize = log
+    let text = std::fs::read_to_string(log).unwrap();
+    let written = text
         .lines()
         .filter(|l| l.contains(marker))
         .filter_map(|l| l.rsplit("rows=").next()?.trim().parse().ok())
         .max()
-        .unwrap_or_else(|| panic!("no index rows written during the pull:\n{log}"));
-    eprintln!("killed after {written} rows written (finished first: {finished})");
-    assert!(written >= 1000, "{written}");
+        .unwrap_or_else(|| panic!("no index rows written during dbx {args:?}:\n{text}"));
+    eprintln!("dbx {args:?} killed after {written} rows written (ended first: {finished})");
+    (written, finished)
+}
 
-    // What the next run would do: nothing for the recorded files (a downloaded file the index
-    // does not know yet is read and recorded; a missing one downloaded).
+/// A push and a pull write the index rows of what they have done while they run (a pull once a
+/// filesystem sync has made its files' renames durable): killed halfway, they keep them, and
+/// the next run neither sends, fetches nor reads those files again.
+#[test]
+fn killed_runs_keep_what_they_recorded() {
+    let p = Pair::new();
+    let mut rng = Rng::new(21);
+    let files = 6000;
+    for i in 0..files {
+        write_file(&p.a.join(format!("f{i:04}.bin")), &rng.bytes(16 << 10));
+    }
+    // Old mtimes: rows recorded for recent files would be read again by every run anyway.
+    age_files(&p.a);
+
+    // What the next run would do after each kill: nothing for the recorded files (a file done
+    // but not recorded yet is read and recorded; the rest transferred).
+    let log = p.work.path().join("push.log");
+    let (written, _) = kill_after_rows_written(&p.dev_a, &p.a, &["push"], &log);
+    assert!(written >= 1000, "{written}");
+    let status = p.dev_a.json(&p.a, &["status"]);
+    let planned = status["plan"].as_array().unwrap().len();
+    assert!(
+        planned <= files - written,
+        "push: {planned} actions planned after {written} of {files} files were recorded"
+    );
+    let report = p.dev_a.json(&p.a, &["push"]);
+    assert!(
+        n(&report, "files_uploaded") as usize <= files - written,
+        "{report}"
+    );
+
+    let log = p.work.path().join("pull.log");
+    let (written, _) = kill_after_rows_written(&p.dev_b, &p.b, &["pull"], &log);
+    assert!(written >= 1000, "{written}");
     let status = p.dev_b.json(&p.b, &["status"]);
     let planned = status["plan"].as_array().unwrap().len();
     assert!(
         planned <= files - written,
-        "{planned} actions planned after {written} of {files} files were recorded"
+        "pull: {planned} actions planned after {written} of {files} files were recorded"
     );
     let (report, log) = p.dev_b.json_logged(&p.b, &["pull"]);
     assert!(
@@ -709,8 +728,12 @@ fn killed_pull_keeps_the_files_it_recorded() {
     assert!(!log.contains("ERROR"), "{log}");
     assert_same(&digest_tree(&p.b), &digest_tree(&p.a));
     assert!(temp_files(&p.b).is_empty(), "{:?}", temp_files(&p.b));
-    let status = p.dev_b.json(&p.b, &["status"]);
-    assert!(plan_of(&status).is_empty(), "{status}");
+    let listing = p.dev_a.json(&p.a, &["ls", "-R"]);
+    assert_eq!(server_files(&listing), local_files(&p.a));
+    for (dev, dir) in [(&p.dev_a, &p.a), (&p.dev_b, &p.b)] {
+        let status = dev.json(dir, &["status"]);
+        assert!(plan_of(&status).is_empty(), "{status}");
+    }
 }
 
 #[test]
