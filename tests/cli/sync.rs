@@ -694,37 +694,25 @@ fn killed_runs_keep_what_they_recorded() {
     // Old mtimes: rows recorded for recent files would be read again by every run anyway.
     age_files(&p.a);
 
-    // What the next run would do after each kill: nothing for the recorded files (a file done
+    // Kills `dbx DIRECTION` once it has written rows, then runs it again; returns its report.
+    // What the next run would do after the kill: nothing for the recorded files (a file done
     // but not recorded yet is read and recorded; the rest transferred).
-    let log = p.work.path().join("push.log");
-    let (written, _) = kill_after_rows_written(&p.dev_a, &p.a, &["push"], &log);
-    assert!(written >= 1000, "{written}");
-    let status = p.dev_a.json(&p.a, &["status"]);
-    let planned = status["plan"].as_array().unwrap().len();
-    assert!(
-        planned <= files - written,
-        "push: {planned} actions planned after {written} of {files} files were recorded"
-    );
-    let report = p.dev_a.json(&p.a, &["push"]);
-    assert!(
-        n(&report, "files_uploaded") as usize <= files - written,
-        "{report}"
-    );
-
-    let log = p.work.path().join("pull.log");
-    let (written, _) = kill_after_rows_written(&p.dev_b, &p.b, &["pull"], &log);
-    assert!(written >= 1000, "{written}");
-    let status = p.dev_b.json(&p.b, &["status"]);
-    let planned = status["plan"].as_array().unwrap().len();
-    assert!(
-        planned <= files - written,
-        "pull: {planned} actions planned after {written} of {files} files were recorded"
-    );
-    let (report, log) = p.dev_b.json_logged(&p.b, &["pull"]);
-    assert!(
-        n(&report, "files_downloaded") as usize <= files - written,
-        "{report}"
-    );
+    let kill_and_resume = |dev: &Client, dir: &Path, direction: &str, done: &str| {
+        let log = p.work.path().join(format!("{direction}.log"));
+        let (written, _) = kill_after_rows_written(dev, dir, &[direction], &log);
+        assert!(written >= 1000, "{written}");
+        let status = dev.json(dir, &["status"]);
+        let planned = status["plan"].as_array().unwrap().len();
+        assert!(
+            planned <= files - written,
+            "{direction}: {planned} actions planned after {written} of {files} files were recorded"
+        );
+        let (report, log) = dev.json_logged(dir, &[direction]);
+        assert!(n(&report, done) as usize <= files - written, "{report}");
+        log
+    };
+    kill_and_resume(&p.dev_a, &p.a, "push", "files_uploaded");
+    let log = kill_and_resume(&p.dev_b, &p.b, "pull", "files_downloaded");
     assert!(!log.contains("ERROR"), "{log}");
     assert_same(&digest_tree(&p.b), &digest_tree(&p.a));
     assert!(temp_files(&p.b).is_empty(), "{:?}", temp_files(&p.b));
