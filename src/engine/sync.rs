@@ -2482,3 +2482,22 @@ async fn download_one(
     fs::rename(&part, &dest).map_err(io_at(&dest))?;
     Ok(Some(got))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temp file lands beside its destination whether the folders on the way exist or not.
+    #[test]
+    fn temp_files_go_beside_their_destination_making_missing_folders() {
+        let root = tempfile::tempdir().unwrap();
+        for path in ["top.txt", "a/b/c/deep.txt", "a/b/sibling.txt"] {
+            let (dest, mut file, tmp) = temp_beside(root.path(), path).unwrap();
+            assert_eq!(dest, root.path().join(path));
+            assert_eq!(tmp.parent(), dest.parent());
+            file.write_all(path.as_bytes()).unwrap();
+            tmp.persist(&dest).unwrap();
+            assert_eq!(fs::read(&dest).unwrap(), path.as_bytes());
+        }
+    }
+}
