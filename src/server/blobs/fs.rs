@@ -649,16 +649,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn delete(&self, hash: &str) -> Result<(), BlobError> {
-        sqlx::query("DELETE FROM packed WHERE hash = ?")
-            .bind(hash)
-            .execute(&self.index)
-            .await
-            .map_err(index_err)?;
-        match tokio::fs::remove_file(self.path_of(hash)).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.delete_many(vec![hash.to_string()]).await
     }
 
     async fn delete_many(&self, hashes: Vec<String>) -> Result<(), BlobError> {
