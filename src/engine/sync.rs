@@ -2034,7 +2034,8 @@ impl Apply<'_> {
         let mut results = stream::select(grouped, single);
         let mut landed: std::collections::VecDeque<(u64, usize)> = Default::default();
         let mut durable = 0;
-        let mut dirs = HashSet::new();
+        // Whether any file was renamed into place (its rename waits for the sync below).
+        let mut renamed = false;
         let mut first_err = None;
         while let Some((path, entry, r)) = results.next().await {
             match r {
@@ -2043,7 +2044,7 @@ impl Apply<'_> {
                     self.report.blocks_downloaded += got.blocks_fetched;
                     self.report.block_bytes_received += got.bytes_fetched;
                     self.report.bytes_reused += got.bytes_reused;
-                    dirs.insert(self.root.join(protocol::parent_path(&path)));
+                    renamed = true;
                     self.record(&path, &entry, (got.block_lens, got.block_fps));
                 }
                 Ok(None) => {
@@ -2074,7 +2075,7 @@ impl Apply<'_> {
         self.progress.finish();
         // The renames become durable with the directories: one filesystem sync for them all
         // (cheaper than an fsync per folder when a pull touches many folders).
-        if (!dirs.is_empty() || self.unsynced) && clock.sync(self.root).is_ok() {
+        if (renamed || self.unsynced) && clock.sync(self.root).is_ok() {
             self.unsynced = false;
         }
         match first_err {
