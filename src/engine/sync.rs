@@ -70,6 +70,9 @@ const MISSING_BATCH: usize = 1000;
 /// Blocks of new files sent while others are still being hashed, per round (see
 /// [`EarlySend`]): two requests' worth, one per upload request in flight.
 const EARLY_SEND_BYTES: u64 = (2 * UPLOAD_BATCH_BYTES) as u64;
+/// Hashed batches of a big file waiting to be sent (each up to `chunker::BATCH_BYTES`
+/// and a block), beside the [`UPLOAD_PARALLELISM`] being sent.
+const STREAMED_BATCHES: usize = 1;
 /// The namespace id the index uses for the user's root namespace.
 pub const ROOT_NS: i64 = 0;
 
@@ -974,31 +977,52 @@ async fn hash_files(
     let (small, big): (Vec<_>, Vec<_>) = files
         .into_iter()
         .partition(|(_, size, _)| *size <= chunker::SMALL_FILE);
-    let mut jobs: Vec<Vec<(String, KnownBlocks)>> = big
+    let eligible = early.as_ref().map(|e| &e.eligible);
+    // The blocks of big files sent early go as they are hashed, straight from the hashing's
+    // buffers (see `EarlySend::stream`); not those of a file modified in the last moments,
+    // whose stat cannot tell whether it changed while being read (see below).
+    let streamable = |path: &str| {
+        early.as_ref().is_some_and(|e| {
+            e.eligible.contains(path)
+                && e.scan
+                    .tree
+                    .get(path)
+                    .is_some_and(|l| index_mtime(l) != i64::MIN)
+        })
+    };
+    let (hashed_blocks, to_stream) = tokio::sync::mpsc::channel(STREAMED_BATCHES);
+    let mut streamed = Vec::new();
+    let mut jobs: Vec<(HashJob, Option<HashedBlocks>)> = big
         .into_iter()
-        .map(|(path, _, known)| vec![(path, known)])
+        .map(|(path, _, known)| {
+            let sink = streamable(&path).then(|| hashed_blocks.clone());
+            if sink.is_some() {
+                streamed.push(path.clone());
+            }
+            (vec![(path, known)], sink)
+        })
         .collect();
+    drop(hashed_blocks);
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     for (path, size, known) in small {
         if batch.len() == HASH_BATCH_FILES || batch_bytes + size > HASH_BATCH_BYTES {
-            jobs.push(std::mem::take(&mut batch));
+            jobs.push((std::mem::take(&mut batch), None));
             batch_bytes = 0;
         }
         batch_bytes += size;
         batch.push((path, known));
     }
     if !batch.is_empty() {
-        jobs.push(batch);
+        jobs.push((batch, None));
     }
     let (digested, to_send) = futures::channel::mpsc::unbounded::<Vec<(String, Digest)>>();
-    let eligible = early.as_ref().map(|e| &e.eligible);
     let hashing = stream::iter(jobs)
-        .map(|job| {
+        .map(|(job, sink)| {
             let root = root.to_path_buf();
             let progress = progress.clone();
             async move {
-                let done = blocking(move || digest_files(&root, job, params)).await;
+                let done = blocking(move || digest_files(&root, job, params, sink)).await;
                 for d in done.iter().filter_map(|(_, r)| r.as_ref().ok()) {
                     progress.advance(d.size);
                 }
@@ -1026,7 +1050,12 @@ async fn hash_files(
     };
     let sending = async {
         match &early {
-            Some(e) => e.run(root, to_send, &hashed).await,
+            Some(e) => {
+                let (mut sent, streamed) =
+                    futures::join!(e.run(root, to_send, &hashed), e.stream(to_stream));
+                sent.extend(streamed);
+                sent
+            }
             None => EarlySent::default(),
         }
     };
@@ -1053,6 +1082,17 @@ async fn hash_files(
             Err(e) => return Err(io_at(&root.join(&path))(e)),
         }
     }
+    // A file sent as it was read, if it changed since the scan, may have been read torn: its
+    // digest is dropped, so the upload hashes it again and, finding it changed since the scan,
+    // leaves it for next time (what was sent waits on the server, uncommitted).
+    if let Some(e) = &early {
+        for path in streamed {
+            let now = now_stat(&root.join(&path));
+            if e.scan.tree.get(&path) != now.as_ref() {
+                out.remove(&path);
+            }
+        }
+    }
     Ok((out, early_sent))
 }
 
@@ -1074,6 +1114,12 @@ struct EarlySend<'a> {
 
 /// What [`EarlySend`] sent: each block with its length.
 type EarlySent = HashMap<String, u64>;
+
+/// Files hashed together: one big file, or many small ones (with the blocks each had before).
+type HashJob = Vec<(String, KnownBlocks)>;
+
+/// Where the hashing of a big file hands its blocks, bytes and all (see `EarlySend::stream`).
+type HashedBlocks = tokio::sync::mpsc::Sender<Vec<(String, bytes::Bytes)>>;
 
 impl EarlySend<'_> {
     async fn run(
@@ -1099,6 +1145,56 @@ impl EarlySend<'_> {
             if let Err(e) = self.send(root, &round, &mut sent, hashed).await {
                 tracing::debug!(error = %e, "early upload stopped; the upload will send the rest");
                 break;
+            }
+        }
+        sent
+    }
+
+    /// Sends the blocks that the hashing of big files hands over (each batch once hashed),
+    /// those the server lacks, [`UPLOAD_PARALLELISM`] requests at a time: a big file travels
+    /// while it is read, and is not read again to be sent. The bounded channel holds the
+    /// hashing back when the sending lags, so memory stays bounded. On a failure it takes no
+    /// more (the hashing goes on; the upload sends the rest, with retries).
+    async fn stream(
+        &self,
+        hashed: tokio::sync::mpsc::Receiver<Vec<(String, bytes::Bytes)>>,
+    ) -> EarlySent {
+        let batches = stream::unfold(hashed, |mut rx| async move {
+            rx.recv().await.map(|batch| (batch, rx))
+        });
+        let requests = batches
+            .map(|batch| async move {
+                let mut seen = HashSet::new();
+                let batch: Vec<(String, bytes::Bytes)> = batch
+                    .into_iter()
+                    .filter(|(h, _)| seen.insert(h.clone()))
+                    .collect();
+                let hashes = batch.iter().map(|(h, _)| h.clone()).collect();
+                let missing: HashSet<String> =
+                    self.remote.missing(hashes).await?.into_iter().collect();
+                let send: Vec<(String, bytes::Bytes)> = batch
+                    .into_iter()
+                    .filter(|(h, _)| missing.contains(h))
+                    .collect();
+                let lens: Vec<(String, u64)> = send
+                    .iter()
+                    .map(|(h, b)| (h.clone(), b.len() as u64))
+                    .collect();
+                if !send.is_empty() {
+                    self.remote.put_blocks(send).await?;
+                }
+                Ok::<_, RemoteError>(lens)
+            })
+            .buffer_unordered(UPLOAD_PARALLELISM);
+        let mut requests = std::pin::pin!(requests);
+        let mut sent = EarlySent::default();
+        while let Some(r) = requests.next().await {
+            match r {
+                Ok(lens) => sent.extend(lens),
+                Err(e) => {
+                    tracing::debug!(error = %e, "sending while hashing stopped; the upload will send the rest");
+                    break;
+                }
             }
         }
         sent
@@ -1163,9 +1259,12 @@ async fn missing_blocks(
 /// file streamed, or many small ones read whole and hashed together.
 fn digest_files(
     root: &Path,
-    files: Vec<(String, KnownBlocks)>,
+    files: HashJob,
     params: ChunkParams,
+    sink: Option<HashedBlocks>,
 ) -> Vec<(String, std::io::Result<Digest>)> {
+    let send = sink.map(|tx| move |blocks| tx.blocking_send(blocks).is_ok());
+    let sink = send.as_ref().map(|f| f as chunker::BlockSink);
     let mut out = Vec::with_capacity(files.len());
     let mut read: Vec<(String, Vec<u8>)> = Vec::with_capacity(files.len());
     for (path, known) in files {
@@ -1173,7 +1272,7 @@ fn digest_files(
             Ok(chunker::Opened::Small(data)) => read.push((path, data)),
             // Big (or grown since the scan): streamed on its own.
             Ok(chunker::Opened::Large(file)) => {
-                let d = chunker::digest_large(file, params, &known);
+                let d = chunker::digest_large(file, params, &known, sink);
                 out.push((path, d));
             }
             Err(e) => out.push((path, Err(e))),
@@ -1740,7 +1839,7 @@ impl Apply<'_> {
         };
         let mut sent = stream::iter(chunks)
             .map(|c| cx.upload_chunk(c))
-            .buffered(UPLOAD_CHUNKS_IN_FLIGHT);
+            .buffer_unordered(UPLOAD_CHUNKS_IN_FLIGHT);
         let mut failed = None;
         while let Some(r) = sent.next().await {
             // A failure stops starting chunks; what committed so far is recorded.
@@ -1805,7 +1904,14 @@ impl UploadCx<'_> {
                 }
             }
         }
-        let missing = missing_blocks(self.remote, &sources).await?;
+        // Blocks sent earlier in this run are on the server, held for this user through the
+        // upload grace period: not asked about again.
+        let unsent: HashMap<&str, (&str, &BlockRef)> = sources
+            .iter()
+            .filter(|(h, _)| !self.early_sent.contains_key(**h))
+            .map(|(h, s)| (*h, *s))
+            .collect();
+        let missing = missing_blocks(self.remote, &unsent).await?;
         let root = self.root;
         let remote = self.remote;
         let progress = self.progress.clone();
