@@ -62,9 +62,10 @@ pub const HASH_THREADS: usize = 2;
 /// Chunks are hashed in batches, one chunk per SIMD lane (see `protocol::block_hashes`): the
 /// chunks of one read of [`READ_BYTES`] make a batch, split at this many chunks. 8 MiB holds
 /// ~7 chunks of the default size: half the lanes of AVX-512, 2.5 times the speed of 4 MiB
-/// batches' ~3 chunks (which fall back to hashing one at a time). At most `HASH_THREADS + 1`
-/// reads are in memory (being hashed, being cut): ~24 MiB, whatever the file's size, and
-/// as many more when the blocks are handed to a [`BlockSink`] (being sent).
+/// batches' ~3 chunks (which fall back to hashing one at a time). At most `HASH_THREADS + 2`
+/// read buffers exist (being hashed, being filled, and the last one until its unfinished
+/// chunk is copied out): ~40 MiB, whatever the file's size, and one more when the blocks go
+/// to a [`BlockSink`] (see `SINK_BUFFERS`).
 pub const BATCH_CHUNKS: usize = 16;
 /// What the cutting thread reads at a time, beside a chunk carried over from the last read.
 const READ_BYTES: usize = 8 << 20;
@@ -214,8 +215,10 @@ pub fn digest_reader<R: Read + Send>(
     })
 }
 
-/// The sink's share of a digest's read buffers: a batch waiting and two being sent.
-const SINK_BUFFERS: usize = 3;
+/// The sink's share of a digest's read buffers: one, so a batch is sent while the next ones
+/// are hashed. Three bought no speed (`bench/bigfile.sh 4`: pushed in 22.3 s with three,
+/// 19.9 s with one) for 9 MiB more of the client's peak memory.
+const SINK_BUFFERS: usize = 1;
 
 /// The read buffers of one digest, each allocated once and lent out as [`Bytes`] whose last
 /// view gives it back: at most `cap` exist, and the cutting thread waits for one to come back
