@@ -1197,6 +1197,10 @@ impl EarlySend<'_> {
                 }
             }
         }
+        if !sent.is_empty() {
+            let bytes: u64 = sent.values().sum();
+            tracing::debug!(blocks = sent.len(), bytes, "sent as hashed");
+        }
         sent
     }
 

@@ -391,9 +391,9 @@ async fn a_push_killed_between_chunks_keeps_what_it_committed() {
     assert_same(&digest_tree(other.path()), &digest_tree(dir.path()));
 }
 
-/// A first push sends new files' blocks while the others are still being hashed; every block
-/// goes and is counted once (as sent, not as deduplicated) and the files round-trip. A dry run
-/// sends none.
+/// A first push sends new files' blocks while the others are still being hashed, a big file's
+/// as it is read; every block goes and is counted once (as sent, not as deduplicated) and the
+/// files round-trip. A dry run sends none.
 #[test]
 fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
     let server = Server::start();
@@ -401,10 +401,14 @@ fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     let mut rng = Rng::new(17);
-    let files: Vec<Vec<u8>> = (0..12).map(|_| rng.bytes(4 << 20)).collect();
+    let mut files: Vec<Vec<u8>> = (0..12).map(|_| rng.bytes(4 << 20)).collect();
+    // Bigger than a small file and than several of the hashing's reads.
+    files.push(rng.bytes(30 << 20));
     for (i, f) in files.iter().enumerate() {
         write_file(&a.join(format!("f{i:02}.bin")), f);
     }
+    // Not modified in the last moments, so the big one goes as it is read.
+    age_files(&a);
     dev.init(&a);
     dev2.init(&b);
 
@@ -417,10 +421,17 @@ fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
 
     let (report, log) = dev.json_logged(&a, &["push"]);
     assert!(log.contains("sent while hashing"), "{log}");
+    let big = files.last().unwrap();
+    let as_hashed = format!("blocks={} bytes={}", chunks(big).len(), big.len());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sent as hashed") && l.contains(&as_hashed)),
+        "the big file's blocks all go as it is read ({as_hashed}): {log}"
+    );
     let blocks: usize = files.iter().map(|f| chunks(f).len()).sum();
-    assert_eq!(report["files_uploaded"], 12, "{report}");
+    assert_eq!(report["files_uploaded"], 13, "{report}");
     assert_eq!(report["blocks_uploaded"], blocks as u64, "{report}");
-    assert_eq!(report["block_bytes_sent"], 48u64 << 20, "{report}");
+    assert_eq!(report["block_bytes_sent"], 78u64 << 20, "{report}");
     assert_eq!(report["bytes_deduplicated"], 0, "{report}");
     assert_eq!(stored_blocks(server.data.path()).len(), blocks);
 

@@ -792,34 +792,6 @@ fn sync_a_logged(p: &Pair) -> (Value, bool) {
     (report, settled)
 }
 
-/// Sets the mtime of every file below `root` a minute back: a file modified within the last
-/// two seconds is read again by every run (it could change again unnoticed), so it is never
-/// settled.
-fn age_files(root: &Path) {
-    let past = SystemTime::now() - Duration::from_secs(60);
-    for e in walk(root) {
-        if e.is_file() {
-            let f = std::fs::File::options().write(true).open(&e).unwrap();
-            f.set_modified(past).unwrap();
-        }
-    }
-}
-
-fn walk(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(root).unwrap() {
-        let path = e.unwrap().path();
-        if path.is_dir() {
-            if !path.ends_with(".dbx") {
-                out.extend(walk(&path));
-            }
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 #[test]
 fn an_unchanged_folder_stops_early_and_any_change_is_still_seen() {
     let p = Pair::new();
