@@ -224,7 +224,8 @@ const SINK_BUFFERS: usize = 1;
 /// view gives it back: at most `cap` exist, and the cutting thread waits for one to come back
 /// (the hashing, or a sink, holds it back that way). Allocating and freeing buffers of this size
 /// again and again fragments the allocator's arenas: the client's peak RSS pushing the bench
-/// dataset was 128–136 MiB that way, for ~95 MiB of live data.
+/// dataset was 128–136 MiB that way, 96 MiB with glibc made to return each freed buffer at once
+/// (`MALLOC_MMAP_THRESHOLD_=1048576`), 89–99 MiB with this.
 #[derive(Default)]
 struct Buffers {
     /// The buffers given back, and how many were allocated.

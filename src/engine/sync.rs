@@ -70,8 +70,8 @@ const MISSING_BATCH: usize = 1000;
 /// Blocks of new files sent while others are still being hashed, per round (see
 /// [`EarlySend`]): two requests' worth, one per upload request in flight.
 const EARLY_SEND_BYTES: u64 = (2 * UPLOAD_BATCH_BYTES) as u64;
-/// Hashed batches of a big file waiting to be sent (each up to `chunker::BATCH_BYTES`
-/// and a block), beside the [`UPLOAD_PARALLELISM`] being sent.
+/// Hashed batches of a big file waiting to be sent (each one read of the chunker's, ≤ 10
+/// MiB), beside the [`UPLOAD_PARALLELISM`] being sent.
 const STREAMED_BATCHES: usize = 1;
 /// The namespace id the index uses for the user's root namespace.
 pub const ROOT_NS: i64 = 0;
@@ -1101,7 +1101,8 @@ async fn hash_files(
 /// everything first (the server idle), then uploads (the disk busy, the client's cores half
 /// idle). Only for files the plan will upload whatever their content (new here and unknown to
 /// the server); their blocks wait on the server, uncommitted, as an interrupted upload's do,
-/// until the upload commits them (finding them present, it sends nothing again). Whatever is
+/// until the upload commits them (finding them present, it sends nothing again). A big file's
+/// blocks go as it is read (see [`EarlySend::stream`]); of the small files, whatever is
 /// not sent by the end of the hashing is left to the upload, which shows its progress; a
 /// failure here only stops the early sending (the upload meets it again, retries and reports
 /// it): its requests are tried once, so a failing server is not waited for twice.

@@ -317,8 +317,11 @@ fn a_persistently_failing_block_store_exits_5_and_commits_nothing() {
     dev.init(dir.path());
     dev.ok(dir.path(), &["push"]);
     // The server can no longer write blocks: every upload answers 500, retried, then given up.
+    // Also while a big new file is sent as it is read: that sending stops, the hashing goes on.
     std::fs::remove_dir_all(server.data.path().join("blocks").join("tmp")).unwrap();
     write_file(&dir.path().join("second.bin"), &Rng::new(9).bytes(200_000));
+    write_file(&dir.path().join("third.bin"), &Rng::new(10).bytes(24 << 20));
+    age_files(dir.path());
     let out = dev.run(dir.path(), &["push"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("block store"), "{}", stderr(&out));
