@@ -1017,12 +1017,15 @@ async fn hash_files(
         jobs.push((batch, None));
     }
     let (digested, to_send) = futures::channel::mpsc::unbounded::<Vec<(String, Digest)>>();
+    // The big files hashed at once share their read buffers (at most two: `HASH_PARALLELISM`).
+    let buffers = chunker::ReadBuffers::new(params, !streamed.is_empty());
     let hashing = stream::iter(jobs)
         .map(|(job, sink)| {
             let root = root.to_path_buf();
             let progress = progress.clone();
+            let buffers = buffers.clone();
             async move {
-                let done = blocking(move || digest_files(&root, job, params, sink)).await;
+                let done = blocking(move || digest_files(&root, job, params, sink, &buffers)).await;
                 for d in done.iter().filter_map(|(_, r)| r.as_ref().ok()) {
                     progress.advance(d.size);
                 }
@@ -1267,6 +1270,7 @@ fn digest_files(
     files: HashJob,
     params: ChunkParams,
     sink: Option<HashedBlocks>,
+    buffers: &Arc<chunker::ReadBuffers>,
 ) -> Vec<(String, std::io::Result<Digest>)> {
     let send = sink.map(|tx| move |blocks| tx.blocking_send(blocks).is_ok());
     let sink = send.as_ref().map(|f| f as chunker::BlockSink);
@@ -1277,7 +1281,7 @@ fn digest_files(
             Ok(chunker::Opened::Small(data)) => read.push((path, data)),
             // Big (or grown since the scan): streamed on its own.
             Ok(chunker::Opened::Large(file)) => {
-                let d = chunker::digest_large(file, params, &known, sink);
+                let d = chunker::digest_large(file, params, &known, sink, Some(buffers));
                 out.push((path, d));
             }
             Err(e) => out.push((path, Err(e))),
