@@ -427,6 +427,15 @@ pub fn read_block_as(
 mod tests {
     use super::*;
 
+    /// A digest with the default chunking, knowing no earlier blocks.
+    fn digest(data: &[u8]) -> Digest {
+        digest_knowing(data, &KnownBlocks::new())
+    }
+
+    fn digest_knowing(data: &[u8], known: &KnownBlocks) -> Digest {
+        digest_reader(data, ChunkParams::DEFAULT, known, None, None).unwrap()
+    }
+
     /// Deterministic pseudo-random bytes (xorshift), so the test needs no RNG crate.
     fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(n + 8);
@@ -443,25 +452,11 @@ mod tests {
     #[test]
     fn one_byte_insert_changes_at_most_two_chunks() {
         let data = random_bytes(64 << 20, 0x9E37_79B9_7F4A_7C15);
-        let before = digest_reader(
-            &data[..],
-            ChunkParams::DEFAULT,
-            &KnownBlocks::new(),
-            None,
-            None,
-        )
-        .unwrap();
+        let before = digest(&data);
         let mut edited = data[..1000].to_vec();
         edited.push(b'X');
         edited.extend_from_slice(&data[1000..]);
-        let after = digest_reader(
-            &edited[..],
-            ChunkParams::DEFAULT,
-            &KnownBlocks::new(),
-            None,
-            None,
-        )
-        .unwrap();
+        let after = digest(&edited);
 
         assert_eq!(before.size, data.len() as u64);
         assert_eq!(after.size, edited.len() as u64);
@@ -482,14 +477,7 @@ mod tests {
     #[test]
     fn blocks_cover_the_file_and_respect_bounds() {
         let data = random_bytes(9 << 20, 7);
-        let d = digest_reader(
-            &data[..],
-            ChunkParams::DEFAULT,
-            &KnownBlocks::new(),
-            None,
-            None,
-        )
-        .unwrap();
+        let d = digest(&data);
         let mut offset = 0u64;
         for (i, b) in d.blocks.iter().enumerate() {
             assert_eq!(b.offset, offset);
@@ -508,14 +496,7 @@ mod tests {
     fn in_memory_and_streaming_digests_agree() {
         for len in [0, 1, 1000, 300_000, 3 << 20, 8 << 20, 9 << 20, 33 << 20] {
             let data = random_bytes(len, len as u64 + 1);
-            let mut streamed = digest_reader(
-                &data[..],
-                ChunkParams::DEFAULT,
-                &KnownBlocks::new(),
-                None,
-                None,
-            )
-            .unwrap();
+            let mut streamed = digest(&data);
             assert!(streamed.blocks.iter().all(|b| b.fp.is_some()));
             for b in &mut streamed.blocks {
                 b.fp = None;
@@ -565,10 +546,7 @@ mod tests {
     fn digests_at_once_share_their_read_buffers() {
         let params = ChunkParams::DEFAULT;
         let files: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(30 << 20, 40 + i)).collect();
-        let alone: Vec<Digest> = files
-            .iter()
-            .map(|f| digest_reader(&f[..], params, &KnownBlocks::new(), None, None).unwrap())
-            .collect();
+        let alone: Vec<Digest> = files.iter().map(|f| digest(f)).collect();
         let buffers = ReadBuffers::new(params, false);
         let shared: Vec<Digest> = std::thread::scope(|s| {
             let running: Vec<_> = files
@@ -605,12 +583,11 @@ mod tests {
     #[test]
     fn known_blocks_give_the_same_digest_without_rehashing() {
         let data = random_bytes(16 << 20, 11);
-        let params = ChunkParams::DEFAULT;
-        let before = digest_reader(&data[..], params, &KnownBlocks::new(), None, None).unwrap();
+        let before = digest(&data);
         let mut edited = data.clone();
         edited.insert(8 << 20, b'!');
-        let fresh = digest_reader(&edited[..], params, &KnownBlocks::new(), None, None).unwrap();
-        let reused = digest_reader(&edited[..], params, &known_of(&before), None, None).unwrap();
+        let fresh = digest(&edited);
+        let reused = digest_knowing(&edited, &known_of(&before));
         assert_eq!(
             reused, fresh,
             "ids taken from the old blocks are the right ones"
@@ -621,7 +598,7 @@ mod tests {
         let mut planted = known_of(&before);
         let first = &before.blocks[0];
         planted.insert((first.fp.unwrap(), first.len), "planted".into());
-        let d = digest_reader(&edited[..], params, &planted, None, None).unwrap();
+        let d = digest_knowing(&edited, &planted);
         assert_eq!(d.blocks[0].hash, "planted");
         // A chunk whose bytes differ never matches: the edited chunk is hashed.
         let changed: Vec<_> = fresh
@@ -638,14 +615,7 @@ mod tests {
 
     #[test]
     fn empty_file_has_no_blocks() {
-        let d = digest_reader(
-            &[][..],
-            ChunkParams::DEFAULT,
-            &KnownBlocks::new(),
-            None,
-            None,
-        )
-        .unwrap();
+        let d = digest(&[]);
         assert_eq!(d.size, 0);
         assert!(d.blocks.is_empty());
         assert_eq!(d.content_hash, protocol::content_hash::<&str>(&[]));
