@@ -81,7 +81,7 @@ pub type BlockSink<'a> = &'a (dyn Fn(Vec<(String, Bytes)>) -> bool + Sync);
 /// length) take their id from it. Each hashed batch's blocks go to `sink` too, if any. The
 /// reads go into `buffers` (shared with other digests running at once), or buffers of its own.
 pub fn digest_reader<R: Read + Send>(
-    reader: R,
+    mut reader: R,
     params: ChunkParams,
     known: &KnownBlocks,
     sink: Option<BlockSink>,
@@ -160,7 +160,6 @@ pub fn digest_reader<R: Read + Send>(
         // over (copied once, < `params.max`) unless it is the file's last or a full-size one.
         // A cut found before the buffer's end is the one a cut of the whole file finds there:
         // the algorithm reads no byte past a cut it finds.
-        let mut reader = reader;
         let buffers = match buffers {
             Some(b) => b.clone(),
             None => ReadBuffers::new(params, sink.is_some()),
@@ -227,10 +226,10 @@ const SINK_BUFFERS: usize = 1;
 /// memory does not add up (four new files of 512 MiB in one push: client peak 119–147 MiB
 /// with a set per file, 73–79 MiB with one set); `cap` is more than the digests sharing them
 /// (each cutting thread holds one while it waits for the next), so they never all wait.
-/// Allocating and freeing buffers of this size
-/// again and again fragments the allocator's arenas: the client's peak RSS pushing the bench
-/// dataset was 128–136 MiB that way, 96 MiB with glibc made to return each freed buffer at once
-/// (`MALLOC_MMAP_THRESHOLD_=1048576`), 89–99 MiB with this.
+/// Allocating and freeing buffers of this size again and again fragments the allocator's
+/// arenas: the client's peak RSS pushing the bench dataset was 128–136 MiB that way, 96 MiB
+/// with glibc made to return each freed buffer at once (`MALLOC_MMAP_THRESHOLD_=1048576`),
+/// 89–99 MiB with this.
 #[derive(Default)]
 pub struct ReadBuffers {
     /// The buffers given back, and how many were allocated.
@@ -313,22 +312,11 @@ pub fn open_to_digest(path: &Path) -> io::Result<Opened> {
     Ok(Opened::Small(data))
 }
 
-/// Chunks and hashes a large file, streaming it (see [`digest_reader`]).
-pub fn digest_large(
-    file: File,
-    params: ChunkParams,
-    known: &KnownBlocks,
-    sink: Option<BlockSink>,
-    buffers: Option<&Arc<ReadBuffers>>,
-) -> io::Result<Digest> {
-    digest_reader(file, params, known, sink, buffers)
-}
-
 /// Chunks and hashes a file, streaming it (small files: in one read, without fingerprints).
 pub fn digest_file(path: &Path, params: ChunkParams, known: &KnownBlocks) -> io::Result<Digest> {
     match open_to_digest(path)? {
         Opened::Small(data) => Ok(digest_bytes(&data, params)),
-        Opened::Large(file) => digest_large(file, params, known, None, None),
+        Opened::Large(file) => digest_reader(file, params, known, None, None),
     }
 }
 
