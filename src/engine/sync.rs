@@ -1281,7 +1281,7 @@ fn digest_files(
             Ok(chunker::Opened::Small(data)) => read.push((path, data)),
             // Big (or grown since the scan): streamed on its own.
             Ok(chunker::Opened::Large(file)) => {
-                let d = chunker::digest_reader(file, params, &known, sink, Some(buffers));
+                let d = chunker::digest_source(&file, params, &known, sink, Some(buffers));
                 out.push((path, d));
             }
             Err(e) => out.push((path, Err(e))),
