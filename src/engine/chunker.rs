@@ -77,7 +77,7 @@ const GROUP_BYTES: usize = 16 << 20;
 /// on the 512 MiB benchmark file (sum of lengths / lanes × longest): 0.39 for the chunks of
 /// each 8 MiB read, 0.62 sorted in 32 MiB windows, 0.74 in 128 MiB ones, 0.92 over the whole
 /// file.
-const WINDOW_BYTES: u64 = 128 << 20;
+pub const WINDOW_BYTES: u64 = 128 << 20;
 /// What the cutting thread reads at a time, beside a chunk carried over from the last read.
 const CUT_READ_BYTES: usize = 4 << 20;
 
@@ -174,7 +174,7 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
     let failed = AtomicBool::new(false);
     let buffers = match buffers {
         Some(b) => b.clone(),
-        None => ReadBuffers::new(params, sink.is_some()),
+        None => ReadBuffers::new(params.max, sink.is_some()),
     };
     let cut = std::thread::scope(|s| -> io::Result<()> {
         // Owned here, so an early return drops it and the hashers stop: no deadlock on error.
@@ -241,7 +241,7 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
             buf.drain(..taken);
             start += taken as u64;
             if window_bytes >= window_size || eof {
-                for group in like_lengths(&mut window, params) {
+                for group in like_lengths(&mut window, buffers.size) {
                     if failed.load(Ordering::Relaxed) || group_tx.send(group).is_err() {
                         return Ok(());
                     }
@@ -268,9 +268,8 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
 }
 
 /// A window's cuts (emptied) as groups of like lengths: sorted by length, then taken in order
-/// up to [`GROUP_CHUNKS`] chunks or [`GROUP_BYTES`] bytes a group.
-fn like_lengths(window: &mut Vec<Cut>, params: ChunkParams) -> Vec<Vec<Cut>> {
-    let cap = GROUP_BYTES.max(params.max as usize);
+/// up to [`GROUP_CHUNKS`] chunks or `cap` bytes (a read buffer's size) a group.
+fn like_lengths(window: &mut Vec<Cut>, cap: usize) -> Vec<Vec<Cut>> {
     window.sort_by_key(|&(i, _, len)| (len, i));
     let mut groups: Vec<Vec<Cut>> = Vec::new();
     let mut bytes = 0;
@@ -287,6 +286,22 @@ fn like_lengths(window: &mut Vec<Cut>, params: ChunkParams) -> Vec<Vec<Cut>> {
         }
     }
     groups
+}
+
+/// Names blocks of `source` whose place is known, `(index, offset, len)`, as the hashing of a
+/// digest does (groups of like lengths read back, fingerprinted, hashed in lockstep), on the
+/// calling thread: for bytes written before they were verified (see `sync::download_one`).
+pub fn hash_cuts<S: ReadAt + ?Sized>(
+    source: &S,
+    mut cuts: Vec<(usize, u64, usize)>,
+    buffers: &Arc<ReadBuffers>,
+) -> io::Result<Vec<(usize, BlockRef)>> {
+    let mut named = Vec::with_capacity(cuts.len());
+    for group in like_lengths(&mut cuts, buffers.size) {
+        let hashed = hash_group(source, &group, &KnownBlocks::new(), buffers)?;
+        named.extend(hashed.into_iter().map(|(i, b, _)| (i, b)));
+    }
+    Ok(named)
 }
 
 /// Reads a group's chunks into one buffer and names them: fingerprints for all, ids from
@@ -377,12 +392,22 @@ pub struct ReadBuffers {
 }
 
 impl ReadBuffers {
-    /// Buffers for the given chunking, one per hashing thread and one more for a sink if
-    /// `sending`.
-    pub fn new(params: ChunkParams, sending: bool) -> Arc<ReadBuffers> {
+    /// Buffers for blocks of up to `max_block` bytes, one per hashing thread and one more for
+    /// a sink if `sending`.
+    pub fn new(max_block: u32, sending: bool) -> Arc<ReadBuffers> {
         Arc::new(ReadBuffers {
             cap: HASH_THREADS + if sending { SINK_BUFFERS } else { 0 },
-            size: GROUP_BYTES.max(params.max as usize),
+            size: GROUP_BYTES.max(max_block as usize),
+            ..ReadBuffers::default()
+        })
+    }
+
+    /// One buffer for verifying blocks of up to `max_block` bytes (see [`hash_cuts`]): groups
+    /// of at most 8 MiB there (a download holds two requests of up to 16 MiB beside it).
+    pub fn for_verifying(max_block: u32) -> Arc<ReadBuffers> {
+        Arc::new(ReadBuffers {
+            cap: 1,
+            size: (8 << 20).max(max_block as usize),
             ..ReadBuffers::default()
         })
     }
@@ -685,7 +710,7 @@ mod tests {
         let params = ChunkParams::DEFAULT;
         let files: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(30 << 20, 40 + i)).collect();
         let alone: Vec<Digest> = files.iter().map(|f| digest(f)).collect();
-        let buffers = ReadBuffers::new(params, false);
+        let buffers = ReadBuffers::new(params.max, false);
         let shared: Vec<Digest> = std::thread::scope(|s| {
             let running: Vec<_> = files
                 .iter()

@@ -1018,7 +1018,7 @@ async fn hash_files(
     }
     let (digested, to_send) = futures::channel::mpsc::unbounded::<Vec<(String, Digest)>>();
     // The big files hashed at once share their read buffers (at most two: `HASH_PARALLELISM`).
-    let buffers = chunker::ReadBuffers::new(params, !streamed.is_empty());
+    let buffers = chunker::ReadBuffers::new(params.max, !streamed.is_empty());
     let hashing = stream::iter(jobs)
         .map(|(job, sink)| {
             let root = root.to_path_buf();
@@ -1344,7 +1344,9 @@ struct ChunkUploaded {
 }
 
 /// The requests that send `missing` blocks: many to a request, up to [`UPLOAD_BATCH_BYTES`]
-/// (one durable write and one lockstep verification on the server for all of them).
+/// (one durable write and one lockstep verification on the server for all of them), blocks
+/// of like lengths together (a lockstep group costs what its longest block costs in every
+/// lane: see `protocol::block_hashes`).
 fn upload_jobs(
     root: &Path,
     scan: &Scan,
@@ -1354,7 +1356,12 @@ fn upload_jobs(
     let mut jobs: Vec<Vec<UploadJob>> = Vec::new();
     let mut batch: Vec<UploadJob> = Vec::new();
     let mut batch_bytes = 0usize;
-    for (p, b) in missing.iter().filter_map(|h| sources.get(h.as_str())) {
+    let mut found: Vec<&(&str, &BlockRef)> = missing
+        .iter()
+        .filter_map(|h| sources.get(h.as_str()))
+        .collect();
+    found.sort_by_key(|(_, b)| b.len);
+    for (p, b) in found {
         // A file modified in the last moments may change again within one mtime tick:
         // its blocks are re-hashed on read instead of trusting the stat.
         let scanned = scan.tree.get(*p).filter(|l| index_mtime(l) != i64::MIN);
@@ -2422,14 +2429,15 @@ impl BlockSource<'_> {
         (protocol::MAX_BATCH_BYTES as u64 / expected).clamp(1, 16) as usize
     }
 
-    /// Blocks from the server, in order: in one request, or, when the server finds that too
-    /// large (413), in halves of it, down to one block at a time.
+    /// Blocks from the server, in order, not verified (`download_one` verifies them, a window
+    /// at a time): in one request, or, when the server finds that too large (413), in halves
+    /// of it, down to one block at a time.
     async fn fetch_remote(&self, hashes: &[String]) -> Result<Vec<bytes::Bytes>, EngineError> {
         let mut out = Vec::with_capacity(hashes.len());
         // Parts still to fetch, the next on top.
         let mut parts = vec![hashes];
         while let Some(part) = parts.pop() {
-            match self.remote.fetch_blocks(part).await {
+            match self.remote.fetch_blocks_unverified(part).await {
                 Err(RemoteError::Refused { status: 413, .. }) if part.len() > 1 => {
                     tracing::debug!(blocks = part.len(), "too large for one request; split");
                     let (first, rest) = part.split_at(part.len() / 2);
@@ -2446,8 +2454,8 @@ impl BlockSource<'_> {
     }
 
     /// Blocks, in order: each from an unchanged local file that holds it (re-verified), else
-    /// from the server, those in one request (or one by one if the server finds it too
-    /// large). With each, whether it was reused from a local file.
+    /// from the server (not verified yet), those in one request (or one by one if the server
+    /// finds it too large). With each, whether it was reused from a local file.
     async fn fetch(&self, hashes: &[String]) -> Result<Vec<(bytes::Bytes, bool)>, EngineError> {
         let root = self.root;
         let mut out: Vec<Option<(bytes::Bytes, bool)>> = vec![None; hashes.len()];
@@ -2479,6 +2487,48 @@ impl BlockSource<'_> {
 /// The outcome of a background flush started by `download_one`.
 async fn flushed(flush: tokio::task::JoinHandle<std::io::Result<()>>) -> std::io::Result<()> {
     flush.await.map_err(std::io::Error::other)?
+}
+
+/// A window of a big download being verified (see `download_one`).
+type Verifying = tokio::task::JoinHandle<std::io::Result<Vec<(usize, BlockRef)>>>;
+
+/// Waits for a window's verification and takes its fingerprints. A block that is not what its
+/// id says (damaged on the way) is fetched again alone, verified at the source, and written
+/// over the bad one. Returns the bytes fetched again.
+async fn checked(
+    verifying: Verifying,
+    source: &BlockSource<'_>,
+    entry: &protocol::Entry,
+    (file, part): (&File, &Path),
+    fps: &mut [Option<Fingerprint>],
+) -> Result<u64, EngineError> {
+    use std::os::unix::fs::FileExt;
+    let named = verifying
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|named| named)
+        .map_err(io_at(part))?;
+    let mut again = 0;
+    for (i, block) in named {
+        let want = &entry.blocks[i];
+        if block.hash == *want {
+            fps[i] = block.fp;
+            continue;
+        }
+        tracing::warn!(block = %want, "a downloaded block did not match its id; fetching it again");
+        let bytes = source.remote.get_block(want).await?;
+        if bytes.len() != block.len as usize {
+            return Err(RemoteError::Protocol(format!(
+                "block {want} came back with another length on a second fetch"
+            ))
+            .into());
+        }
+        file.write_all_at(&bytes, block.offset)
+            .map_err(io_at(part))?;
+        fps[i] = Some(chunker::fingerprint(&bytes));
+        again += bytes.len() as u64;
+    }
+    Ok(again)
 }
 
 /// Downloads one file into place. Returns `None` when the destination changed since the scan
@@ -2516,6 +2566,7 @@ async fn download_one(
         HashMap::new()
     };
     let mut file = fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(false)
@@ -2528,9 +2579,9 @@ async fn download_one(
         block_lens: Vec::with_capacity(entry.blocks.len()),
         block_fps: Vec::new(),
     };
-    // Fingerprinted as they pass (BLAKE3 is cheap), so a later edit of the file re-hashes
-    // only what changed.
-    let mut fps: Vec<Option<Fingerprint>> = Vec::with_capacity(entry.blocks.len());
+    // Fingerprinted as they are verified (BLAKE3 is cheap), so a later edit of the file
+    // re-hashes only what changed.
+    let mut fps: Vec<Option<Fingerprint>> = vec![None; entry.blocks.len()];
     // Blocks already in the partial file at the right offset are skipped (their offsets
     // follow from the lengths of the blocks before them, which are re-verified as they pass).
     let mut offset = 0u64;
@@ -2542,7 +2593,7 @@ async fn download_one(
         let len = u64::from(*len);
         got.bytes_reused += len;
         got.block_lens.push(len as u32);
-        fps.push(*fp);
+        fps[i] = *fp;
         progress.advance(len);
         offset += len;
         i += 1;
@@ -2557,7 +2608,34 @@ async fn download_one(
     // fsync of a big file would otherwise wait for all of it (~1 s for 512 MiB here).
     let mut flushing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
     let mut unflushed = 0u64;
-    while let Some(group) = groups.next().await {
+    // Blocks are written as they come and verified a window at a time, on a blocking thread,
+    // while the next ones come: read back from the page cache in groups of like lengths, so
+    // the lockstep hashing keeps its lanes busy (see `chunker::GROUP_CHUNKS`; blocks in file
+    // order made lanes wait on the longest one). Nothing is renamed into place before every
+    // block is verified; a killed run's partial file is re-verified by the next one.
+    let reader = Arc::new(file.try_clone().map_err(io_at(&part))?);
+    let buffers = chunker::ReadBuffers::for_verifying(source.max_block);
+    let mut unverified: Vec<(usize, u64, usize)> = Vec::new();
+    let mut unverified_bytes = 0u64;
+    let mut verifying: Option<Verifying> = None;
+    let mut index = i;
+    loop {
+        let group = groups.next().await;
+        let last = group.is_none();
+        if unverified_bytes >= chunker::WINDOW_BYTES || (last && !unverified.is_empty()) {
+            if let Some(v) = verifying.take() {
+                got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
+            }
+            let (reader, buffers) = (reader.clone(), buffers.clone());
+            let cuts = std::mem::take(&mut unverified);
+            verifying = Some(tokio::task::spawn_blocking(move || {
+                chunker::hash_cuts(&*reader, cuts, &buffers)
+            }));
+            unverified_bytes = 0;
+        }
+        let Some(group) = group else {
+            break;
+        };
         if unflushed >= WRITEBACK_BYTES && flushing.as_ref().is_none_or(|f| f.is_finished()) {
             if let Some(done) = flushing.take() {
                 flushed(done).await.map_err(io_at(&part))?;
@@ -2568,7 +2646,6 @@ async fn download_one(
         }
         for (bytes, reused) in group? {
             let len = bytes.len() as u64;
-            received += len;
             if reused {
                 got.bytes_reused += len;
             } else {
@@ -2576,11 +2653,17 @@ async fn download_one(
                 got.bytes_fetched += len;
             }
             got.block_lens.push(bytes.len() as u32);
-            fps.push(Some(chunker::fingerprint(&bytes)));
             file.write_all(&bytes).map_err(io_at(&part))?;
+            unverified.push((index, received, bytes.len()));
+            unverified_bytes += len;
+            index += 1;
+            received += len;
             unflushed += len;
             progress.advance(len);
         }
+    }
+    if let Some(v) = verifying {
+        got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
     }
     if let Some(done) = flushing {
         // A failed flush is reported (a later fsync may not see the error again).

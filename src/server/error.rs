@@ -70,6 +70,10 @@ impl ApiError {
             ApiError::MissingBlocks(_) => (StatusCode::BAD_REQUEST, "missing_blocks"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             _ if self.is_storage_full() => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+            // Lost, not busy: asking again will not bring it back.
+            ApiError::Blob(BlobError::Corrupt(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "block_corrupt")
+            }
             ApiError::Store(_) | ApiError::Blob(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

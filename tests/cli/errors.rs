@@ -286,6 +286,42 @@ fn a_block_corrupted_on_the_server_is_never_written_locally() {
     );
 }
 
+/// A big file's blocks are written as they come and verified a window at a time: a damaged
+/// one is found before anything is put in place, and asked for again, verified at the source,
+/// which quarantines it; lost, not busy, so the exit code is 1, not 5 (try again later).
+#[test]
+fn a_big_file_with_a_block_corrupted_on_the_server_is_never_put_in_place() {
+    let server = Server::start();
+    let (dev1, dev2) = two_devices(&server);
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a");
+    let b = work.path().join("b");
+    let content = Rng::new(8).bytes(6 << 20);
+    write_file(&a.join("big.bin"), &content);
+    dev1.init(&a);
+    dev2.init(&b);
+    dev1.ok(&a, &["push"]);
+    let blocks = stored_blocks(server.data.path());
+    assert!(blocks.len() > 3, "{} blocks", blocks.len());
+    // One in the middle of the file.
+    let middle = blocks
+        .values()
+        .find(|blk| {
+            let bytes = blk.bytes();
+            let at = content.windows(bytes.len()).position(|w| w == &bytes[..]);
+            at.is_some_and(|at| at > 0 && at + bytes.len() < content.len())
+        })
+        .expect("a block inside the file");
+    middle.corrupt(100);
+
+    let out = dev2.run(&b, &["pull"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert!(!b.join("big.bin").exists());
+    let quarantined = server.data.path().join("blocks/quarantine");
+    assert_eq!(quarantined.read_dir().unwrap().count(), 1);
+}
+
 #[test]
 fn stale_temp_files_are_cleaned_and_never_uploaded() {
     let server = Server::start();
