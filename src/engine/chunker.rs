@@ -112,20 +112,6 @@ impl ReadAt for [u8] {
     }
 }
 
-/// Appends `len` bytes of `source` from `offset` to `buf` (within its capacity: no zeroing).
-fn append_at<S: ReadAt + ?Sized>(
-    source: &S,
-    buf: &mut Vec<u8>,
-    offset: u64,
-    len: usize,
-) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + len, 0);
-    let n = source.read_at(&mut buf[start..], offset)?;
-    buf.truncate(start + n);
-    Ok(n)
-}
-
 /// Where the blocks of a file being hashed go once hashed, bytes and all, a group at a time
 /// (see [`GROUP_CHUNKS`]): so they can be sent while the rest of the file is read, instead of
 /// being read again. It may block (that holds the hashing back: memory stays bounded), and
@@ -217,20 +203,25 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
         // unless it is the source's last or a full-size one. A cut found before the buffer's
         // end is the one a cut of the whole source finds there: the algorithm reads no byte
         // past a cut it finds.
-        let mut buf: Vec<u8> = Vec::with_capacity(CUT_READ_BYTES + params.max as usize);
+        // Zeroed once (by the kernel: fresh pages), then read over.
+        let mut buf = vec![0u8; CUT_READ_BYTES + params.max as usize];
+        let mut filled = 0;
         let mut window: Vec<Cut> = Vec::new();
         let (mut index, mut window_bytes) = (0usize, 0u64);
         // The source offset of `buf[0]`, and of the next read.
         let (mut start, mut next) = (0u64, 0u64);
         let mut eof = false;
         while !eof {
-            let read = append_at(source, &mut buf, next, CUT_READ_BYTES)?;
+            let read = source.read_at(&mut buf[filled..filled + CUT_READ_BYTES], next)?;
             next += read as u64;
+            filled += read;
             eof = read < CUT_READ_BYTES;
-            let mut taken = buf.len();
-            for c in fastcdc::v2020::FastCDC::new(&buf, params.min, params.avg, params.max) {
+            let mut taken = filled;
+            let cuts =
+                fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max);
+            for c in cuts {
                 let end = c.offset + c.length;
-                if !eof && end == buf.len() && c.length < params.max as usize {
+                if !eof && end == filled && c.length < params.max as usize {
                     taken = c.offset;
                     break;
                 }
@@ -238,7 +229,8 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
                 index += 1;
                 window_bytes += c.length as u64;
             }
-            buf.drain(..taken);
+            buf.copy_within(taken..filled, 0);
+            filled -= taken;
             start += taken as u64;
             if window_bytes >= window_size || eof {
                 for group in like_lengths(&mut window, buffers.size) {
@@ -313,14 +305,21 @@ fn hash_group<S: ReadAt + ?Sized>(
     buffers: &Arc<ReadBuffers>,
 ) -> io::Result<Vec<(usize, BlockRef, Bytes)>> {
     let mut buf = buffers.take();
+    // Grown (and zeroed) only the first time a buffer holds this much: then read over.
+    let total = group.iter().map(|c| c.2).sum();
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    let mut put = 0;
     for &(_, offset, len) in group {
-        if append_at(source, &mut buf, offset, len)? < len {
+        if source.read_at(&mut buf[put..put + len], offset)? < len {
             buffers.give_back(buf);
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the file got shorter while it was being read",
             ));
         }
+        put += len;
     }
     let buf = Bytes::from_owner(Lent {
         buf,
@@ -415,8 +414,7 @@ impl ReadBuffers {
     fn take(&self) -> Vec<u8> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(mut buf) = free.0.pop() {
-                buf.clear();
+            if let Some(buf) = free.0.pop() {
                 return buf;
             }
             if free.1 < self.cap {
