@@ -734,6 +734,38 @@ mod tests {
         assert_eq!(free.len(), *allocated, "every buffer came back");
     }
 
+    /// Bytes that lose their second half once they have all been read once: a file cut short
+    /// between the cutting and the hashing.
+    struct Shrinking {
+        data: Vec<u8>,
+        read: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ReadAt for Shrinking {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            use std::sync::atomic::Ordering;
+            let now = if self.read.load(Ordering::SeqCst) >= self.data.len() {
+                &self.data[..self.data.len() / 2]
+            } else {
+                &self.data[..]
+            };
+            let n = now.read_at(buf, offset)?;
+            self.read.fetch_add(n, Ordering::SeqCst);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_source_cut_short_while_hashed_is_an_error_not_a_short_digest() {
+        let source = Shrinking {
+            data: random_bytes(12 << 20, 9),
+            read: Default::default(),
+        };
+        let params = ChunkParams::DEFAULT;
+        let err = digest_source(&source, params, &KnownBlocks::new(), None, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
     fn known_of(d: &Digest) -> KnownBlocks {
         d.blocks
             .iter()

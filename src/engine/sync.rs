@@ -1082,6 +1082,14 @@ async fn hash_files(
                     .warnings
                     .push(format!("{path} vanished while being read"));
             }
+            // Cut short between the cutting and the hashing (see `chunker::digest_source`):
+            // without a digest it is not taken for changed (or, new, it is hashed again by
+            // the upload, which finds it changed since the scan): it goes next time.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                report.warnings.push(format!(
+                    "{path} changed while being read; it will go next time"
+                ));
+            }
             Err(e) => return Err(io_at(&root.join(&path))(e)),
         }
     }
