@@ -162,7 +162,7 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
         Some(b) => b.clone(),
         None => ReadBuffers::new(params.max, sink.is_some()),
     };
-    let cut = std::thread::scope(|s| -> io::Result<()> {
+    let cut = std::thread::scope(|s| -> io::Result<Vec<(usize, BlockRef)>> {
         // Owned here, so an early return drops it and the hashers stop: no deadlock on error.
         let group_tx = group_tx;
         for _ in 0..HASH_THREADS {
@@ -208,6 +208,10 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
         let mut filled = 0;
         let mut window: Vec<Cut> = Vec::new();
         let (mut index, mut window_bytes) = (0usize, 0u64);
+        // A file that had blocks before (an edit) is fingerprinted here, while its bytes are
+        // at hand: the chunks known by fingerprint take their id at once and are not read
+        // again; only the others go to the hashers (a 1-byte insert in 512 MiB: one or two).
+        let mut resolved: Vec<(usize, BlockRef)> = Vec::new();
         // The source offset of `buf[0]`, and of the next read.
         let (mut start, mut next) = (0u64, 0u64);
         let mut eof = false;
@@ -225,7 +229,22 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
                     taken = c.offset;
                     break;
                 }
-                window.push((index, start + c.offset as u64, c.length));
+                let offset = start + c.offset as u64;
+                if !known.is_empty() {
+                    let fp = fingerprint(&buf[c.offset..end]);
+                    if let Some(hash) = known.get(&(fp, c.length as u32)) {
+                        let block = BlockRef {
+                            hash: hash.clone(),
+                            offset,
+                            len: c.length as u32,
+                            fp: Some(fp),
+                        };
+                        resolved.push((index, block));
+                        index += 1;
+                        continue;
+                    }
+                }
+                window.push((index, offset, c.length));
                 index += 1;
                 window_bytes += c.length as u64;
             }
@@ -235,16 +254,15 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
             if window_bytes >= window_size || eof {
                 for group in like_lengths(&mut window, buffers.size) {
                     if failed.load(Ordering::Relaxed) || group_tx.send(group).is_err() {
-                        return Ok(());
+                        return Ok(resolved);
                     }
                 }
                 window_bytes = 0;
             }
         }
-        Ok(())
+        Ok(resolved)
     });
-    cut?;
-    let mut indexed = Vec::new();
+    let mut indexed = cut?;
     for hashed in done_rx {
         indexed.extend(hashed?);
     }
