@@ -140,7 +140,7 @@ pub fn digest_source<S: ReadAt + ?Sized>(
     digest_in_windows(source, params, known, sink, buffers, WINDOW_BYTES)
 }
 
-/// [`digest_source`], cutting `window` bytes at a time.
+/// [`digest_source`], cutting `window_size` bytes at a time.
 fn digest_in_windows<S: ReadAt + ?Sized>(
     source: &S,
     params: ChunkParams,

@@ -70,8 +70,8 @@ const MISSING_BATCH: usize = 1000;
 /// Blocks of new files sent while others are still being hashed, per round (see
 /// [`EarlySend`]): two requests' worth, one per upload request in flight.
 const EARLY_SEND_BYTES: u64 = (2 * UPLOAD_BATCH_BYTES) as u64;
-/// Hashed batches of a big file waiting to be sent (each one read of the chunker's, ≤ 10
-/// MiB), beside the [`UPLOAD_PARALLELISM`] being sent.
+/// Hashed groups of a big file waiting to be sent (each up to 16 chunks of like lengths,
+/// ≤ 16 MiB: see `chunker::GROUP_CHUNKS`), beside the [`UPLOAD_PARALLELISM`] being sent.
 const STREAMED_BATCHES: usize = 1;
 /// The namespace id the index uses for the user's root namespace.
 pub const ROOT_NS: i64 = 0;
@@ -1162,7 +1162,8 @@ impl EarlySend<'_> {
         sent
     }
 
-    /// Sends the blocks that the hashing of big files hands over (each batch once hashed),
+    /// Sends the blocks that the hashing of big files hands over (each group once hashed: one
+    /// request of blocks of like lengths, which the server verifies in lockstep),
     /// those the server lacks, [`UPLOAD_PARALLELISM`] requests at a time: a big file travels
     /// while it is read, and is not read again to be sent. The bounded channel holds the
     /// hashing back when the sending lags, so memory stays bounded. On a failure it takes no
