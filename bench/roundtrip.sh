@@ -19,7 +19,7 @@ if [ -e "$W" ]; then
   # This machine's ext4 runs without a journal: for up to 5 minutes after many inodes are
   # freed, creating files is slow (the allocator skips inodes freed in the last 60 s, or 300 s
   # while their inode table block is dirty: `recently_deleted` in fs/ext4/ialloc.c), which would
-  # skew the runs (a restore spent 70% of its client CPU there). DELETE_WAIT=0 skips the wait.
+  # skew the runs (a restore spent 37% of its client CPU there). DELETE_WAIT=0 skips the wait.
   rm -rf "$W"; sync
   echo "# waiting ${DELETE_WAIT:-300} s after deleting the previous run (ext4 inode reuse delay)" >&2
   sleep "${DELETE_WAIT:-300}"
