@@ -120,7 +120,7 @@ impl ReadAt for [u8] {
 pub type BlockSink<'a> = &'a (dyn Fn(Vec<(String, Bytes)>) -> bool + Sync);
 
 /// A chunk to hash: its index in the file, offset and length.
-type Cut = (usize, u64, usize);
+pub type Cut = (usize, u64, usize);
 
 /// Chunks and hashes all of `source`; chunks found in `known` (by fingerprint and length) take
 /// their id from it. Each hashed group's blocks go to `sink` too, if any. The groups' bytes are
@@ -173,20 +173,14 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
                 let Ok(Ok(group)) = next else {
                     return;
                 };
-                let hashed = hash_group(source, &group, known, buffers).map(|hashed| {
-                    let (blocks, data): (Vec<_>, Vec<_>) =
-                        hashed.into_iter().map(|(i, b, d)| ((i, b), d)).unzip();
+                let hashed = hash_group(source, &group, buffers).map(|hashed| {
                     if let Some(sink) = sink.filter(|_| sinking.load(Ordering::Relaxed)) {
-                        let hashed = blocks
-                            .iter()
-                            .zip(data)
-                            .map(|((_, b), data)| (b.hash.clone(), data))
-                            .collect();
-                        if !sink(hashed) {
+                        let blocks = hashed.iter().map(|(_, b, d)| (b.hash.clone(), d.clone()));
+                        if !sink(blocks.collect()) {
                             sinking.store(false, Ordering::Relaxed);
                         }
                     }
-                    blocks
+                    hashed.into_iter().map(|(i, b, _)| (i, b)).collect()
                 });
                 if hashed.is_err() {
                     failed.store(true, Ordering::Relaxed);
@@ -303,23 +297,23 @@ fn like_lengths(window: &mut Vec<Cut>, cap: usize) -> Vec<Vec<Cut>> {
 /// calling thread: for bytes written before they were verified (see `sync::download_one`).
 pub fn hash_cuts<S: ReadAt + ?Sized>(
     source: &S,
-    mut cuts: Vec<(usize, u64, usize)>,
+    mut cuts: Vec<Cut>,
     buffers: &Arc<ReadBuffers>,
 ) -> io::Result<Vec<(usize, BlockRef)>> {
     let mut named = Vec::with_capacity(cuts.len());
     for group in like_lengths(&mut cuts, buffers.size) {
-        let hashed = hash_group(source, &group, &KnownBlocks::new(), buffers)?;
+        let hashed = hash_group(source, &group, buffers)?;
         named.extend(hashed.into_iter().map(|(i, b, _)| (i, b)));
     }
     Ok(named)
 }
 
-/// Reads a group's chunks into one buffer and names them: fingerprints for all, ids from
-/// `known` or hashed together. Returns each block with its index and a view of its bytes.
+/// Reads a group's chunks into one buffer and names them: fingerprinted and hashed together
+/// (chunks known from before were named as they were cut). Returns each block with its index
+/// and a view of its bytes.
 fn hash_group<S: ReadAt + ?Sized>(
     source: &S,
     group: &[Cut],
-    known: &KnownBlocks,
     buffers: &Arc<ReadBuffers>,
 ) -> io::Result<Vec<(usize, BlockRef, Bytes)>> {
     let mut buf = buffers.take();
@@ -352,21 +346,8 @@ fn hash_group<S: ReadAt + ?Sized>(
         })
         .collect();
     let fps: Vec<Fingerprint> = data.iter().map(|d| fingerprint(d)).collect();
-    let mut ids: Vec<Option<String>> = data
-        .iter()
-        .zip(&fps)
-        .map(|(d, fp)| known.get(&(*fp, d.len() as u32)).cloned())
-        .collect();
-    let unknown: Vec<&[u8]> = data
-        .iter()
-        .zip(&ids)
-        .filter(|(_, id)| id.is_none())
-        .map(|(d, _)| &d[..])
-        .collect();
-    let mut hashed = protocol::block_hashes(&unknown).into_iter();
-    for id in ids.iter_mut().filter(|id| id.is_none()) {
-        *id = hashed.next();
-    }
+    let slices: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+    let ids = protocol::block_hashes(&slices);
     Ok(group
         .iter()
         .zip(fps)
@@ -374,7 +355,7 @@ fn hash_group<S: ReadAt + ?Sized>(
         .zip(data)
         .map(|(((&(i, offset, len), fp), hash), data)| {
             let block = BlockRef {
-                hash: hash.unwrap_or_default(),
+                hash,
                 offset,
                 len: len as u32,
                 fp: Some(fp),

@@ -2501,6 +2501,16 @@ async fn flushed(flush: tokio::task::JoinHandle<std::io::Result<()>>) -> std::io
 /// A window of a big download being verified (see `download_one`).
 type Verifying = tokio::task::JoinHandle<std::io::Result<Vec<(usize, BlockRef)>>>;
 
+/// Starts verifying a window of a big download: its blocks read back from the partial file.
+fn verify(
+    reader: &Arc<File>,
+    buffers: &Arc<chunker::ReadBuffers>,
+    window: Vec<chunker::Cut>,
+) -> Verifying {
+    let (reader, buffers) = (reader.clone(), buffers.clone());
+    tokio::task::spawn_blocking(move || chunker::hash_cuts(&*reader, window, &buffers))
+}
+
 /// Waits for a window's verification and takes its fingerprints. A block that is not what its
 /// id says (damaged on the way) is fetched again alone, verified at the source, and written
 /// over the bad one. Returns the bytes fetched again.
@@ -2624,27 +2634,10 @@ async fn download_one(
     // block is verified; a killed run's partial file is re-verified by the next one.
     let reader = Arc::new(file.try_clone().map_err(io_at(&part))?);
     let buffers = chunker::ReadBuffers::for_verifying(source.max_block);
-    let mut unverified: Vec<(usize, u64, usize)> = Vec::new();
+    let mut unverified: Vec<chunker::Cut> = Vec::new();
     let mut unverified_bytes = 0u64;
     let mut verifying: Option<Verifying> = None;
-    let mut index = i;
-    loop {
-        let group = groups.next().await;
-        let last = group.is_none();
-        if unverified_bytes >= chunker::WINDOW_BYTES || (last && !unverified.is_empty()) {
-            if let Some(v) = verifying.take() {
-                got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
-            }
-            let (reader, buffers) = (reader.clone(), buffers.clone());
-            let cuts = std::mem::take(&mut unverified);
-            verifying = Some(tokio::task::spawn_blocking(move || {
-                chunker::hash_cuts(&*reader, cuts, &buffers)
-            }));
-            unverified_bytes = 0;
-        }
-        let Some(group) = group else {
-            break;
-        };
+    while let Some(group) = groups.next().await {
         if unflushed >= WRITEBACK_BYTES && flushing.as_ref().is_none_or(|f| f.is_finished()) {
             if let Some(done) = flushing.take() {
                 flushed(done).await.map_err(io_at(&part))?;
@@ -2661,17 +2654,28 @@ async fn download_one(
                 got.blocks_fetched += 1;
                 got.bytes_fetched += len;
             }
+            unverified.push((got.block_lens.len(), received, bytes.len()));
             got.block_lens.push(bytes.len() as u32);
             file.write_all(&bytes).map_err(io_at(&part))?;
-            unverified.push((index, received, bytes.len()));
             unverified_bytes += len;
-            index += 1;
             received += len;
             unflushed += len;
             progress.advance(len);
         }
+        if unverified_bytes >= chunker::WINDOW_BYTES {
+            if let Some(v) = verifying.take() {
+                got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
+            }
+            let window = std::mem::take(&mut unverified);
+            verifying = Some(verify(&reader, &buffers, window));
+            unverified_bytes = 0;
+        }
     }
     if let Some(v) = verifying {
+        got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
+    }
+    if !unverified.is_empty() {
+        let v = verify(&reader, &buffers, unverified);
         got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
     }
     if let Some(done) = flushing {
