@@ -205,10 +205,7 @@ pub struct SyncOptions {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
-    move |source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| EngineError::io(path, source)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -1406,18 +1403,15 @@ async fn send_blocks(
                 // on the same few threads glibc's per-thread arenas do not pile up freed
                 // blocks (the client's peak RSS pushing 10 GiB: 119 → 98 MiB). Reads of at
                 // most a few MiB, mostly from the page cache the hashing just filled.
-                let read =
-                    job.clone()
-                        .into_iter()
-                        .map(|(path, full, b, scanned)| {
-                            let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
-                                .map_err(|e| EngineError::Io {
-                                    path: full.clone(),
-                                    source: e,
-                                })?;
-                            Ok((path, b.hash, bytes))
-                        })
-                        .collect::<Result<Vec<_>, EngineError>>()?;
+                let read = job
+                    .clone()
+                    .into_iter()
+                    .map(|(path, full, b, scanned)| {
+                        let bytes = chunker::read_block_as(&full, &b, scanned.as_ref())
+                            .map_err(|e| EngineError::io(&full, e))?;
+                        Ok((path, b.hash, bytes))
+                    })
+                    .collect::<Result<Vec<_>, EngineError>>()?;
                 let mut outcome = Vec::with_capacity(read.len());
                 let mut send = Vec::with_capacity(read.len());
                 for (path, hash, bytes) in read {

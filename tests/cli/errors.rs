@@ -473,3 +473,78 @@ async fn block_batches_are_all_or_nothing() {
     assert_eq!(body["stored"], 20, "{body}");
     assert_eq!(missing(ids).await, 0);
 }
+
+/// A small disk of its own (a tmpfs), unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    /// `None` where this process may not mount (not root).
+    fn mount(mib: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk(dir))
+    }
+
+    fn grow(&self, mib: u32) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.0.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A pull that fills the disk says so (not "database or disk is full" from the index), puts
+/// no partial file in place, and the next pull, with room, resumes from what was written.
+#[test]
+fn a_pull_onto_a_full_disk_says_so_and_the_next_one_resumes() {
+    let Some(disk) = SmallDisk::mount(10) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let server = Server::start();
+    let (dev1, dev2) = two_devices(&server);
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a");
+    let mut rng = Rng::new(31);
+    write_file(&a.join("big.bin"), &rng.bytes(16 << 20));
+    for i in 0..4 {
+        write_file(&a.join(format!("small{i}.txt")), &rng.bytes(64 << 10));
+    }
+    dev1.init(&a);
+    dev1.ok(&a, &["push"]);
+    let b = disk.0.path().join("b");
+    dev2.init(&b);
+
+    let out = dev2.run(&b, &["pull"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let told = stderr(&out);
+    assert!(
+        told.starts_with("dbx: error: no space left for ") && told.contains("free some space"),
+        "{told}"
+    );
+    assert!(
+        !b.join("big.bin").exists(),
+        "a partial file is never put in place"
+    );
+
+    disk.grow(64);
+    let report = dev2.json(&b, &["pull"]);
+    assert!(report["bytes_reused"].as_u64().unwrap() > 0, "{report}");
+    assert_same(&digest_tree(&b), &digest_tree(&a));
+}
