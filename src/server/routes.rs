@@ -140,7 +140,7 @@ async fn blocks_missing<M: MetaStore, B: BlobStore>(
     let missing = req
         .hashes
         .into_iter()
-        .filter(|h| !present.contains(h) && seen.insert(h.clone()))
+        .filter(|h| !present.contains_key(h) && seen.insert(h.clone()))
         .collect();
     Ok(Json(MissingResponse { missing }))
 }
@@ -523,21 +523,17 @@ async fn fetch_blocks<M: MetaStore, B: BlobStore>(
     for h in &req.hashes {
         check_hash(h)?;
     }
-    let readable = app.store.readable_blocks(&caller.user, &req.hashes).await?;
-    if let Some(h) = req.hashes.iter().find(|h| !readable.contains(*h)) {
+    // The size limit from the metadata, before any byte is read.
+    let sizes = app.store.readable_blocks(&caller.user, &req.hashes).await?;
+    if let Some(h) = req.hashes.iter().find(|h| !sizes.contains_key(*h)) {
         return Err(ApiError::NotFound(format!("block {h} not found")));
     }
-    // The size limit from the metadata, before any byte is read.
-    let sizes = app.store.block_sizes(&req.hashes).await?;
     let total: u64 = req.hashes.iter().filter_map(|h| sizes.get(h)).sum();
     if total > (p::MAX_BATCH_BYTES + p::MAX_BLOCK_SIZE) as u64 {
         return Err(ApiError::TooLarge(format!(
             "ask for at most {} bytes of blocks at once",
             p::MAX_BATCH_BYTES
         )));
-    }
-    if let Some(h) = req.hashes.iter().find(|h| !sizes.contains_key(*h)) {
-        return Err(ApiError::NotFound(format!("block {h} not found")));
     }
     // Streamed a few blocks at a time (at most [`FETCH_READ_BYTES`], or one bigger block, in
     // memory per request; never copied into one body), in `protocol::block_header`'s framing:

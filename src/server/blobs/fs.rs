@@ -380,24 +380,20 @@ impl FsBlobStore {
     /// Where the packed ones among `hashes` lie.
     async fn locate(&self, hashes: &[String]) -> Result<HashMap<String, Loc>, BlobError> {
         let json = serde_json::to_string(hashes).map_err(io::Error::other)?;
-        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT hash, pack, offset, len FROM packed
+        // One JSON array rather than a row per block (see the metadata store's `from_json`).
+        let rows: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(hash, pack, offset, len)) FROM packed
              WHERE hash IN (SELECT value FROM json_each(?))",
         )
         .bind(json)
-        .fetch_all(&self.index)
+        .fetch_one(&self.index)
         .await
         .map_err(index_err)?;
+        let rows: Vec<(String, i64, u64, u32)> =
+            serde_json::from_str(&rows).map_err(io::Error::other)?;
         Ok(rows
             .into_iter()
-            .map(|(hash, pack, offset, len)| {
-                let loc = Loc {
-                    pack,
-                    offset: offset as u64,
-                    len: len as u32,
-                };
-                (hash, loc)
-            })
+            .map(|(hash, pack, offset, len)| (hash, Loc { pack, offset, len }))
             .collect())
     }
 

@@ -101,13 +101,13 @@ pub trait MetaStore: Send + Sync + 'static {
         token_hash: &str,
     ) -> impl Future<Output = StoreResult<Option<(User, Option<String>)>>> + Send;
 
-    /// Of `hashes`, those the user may already read: referenced by a file in one of its
-    /// namespaces, or uploaded by the user itself.
+    /// Of `hashes`, those the user may already read (referenced by a file in one of its
+    /// namespaces, or uploaded by the user itself), with their sizes.
     fn readable_blocks(
         &self,
         user: &User,
         hashes: &[String],
-    ) -> impl Future<Output = StoreResult<HashSet<String>>> + Send;
+    ) -> impl Future<Output = StoreResult<std::collections::HashMap<String, u64>>> + Send;
     /// Of `hashes`, those whose bytes the server holds (whoever uploaded them).
     fn existing_blocks(
         &self,
