@@ -104,9 +104,17 @@ impl ApiError {
         } else {
             tracing::debug!(error = %self, code, "request refused");
         }
+        // The log has the details (which file, which device); the client needs what to do.
+        let message = if code == "storage_full" {
+            "the server's disk is full, so nothing was stored: its administrator must free some \
+             space, then run the command again"
+                .to_string()
+        } else {
+            self.to_string()
+        };
         let mut info = ErrorInfo {
             code: code.to_string(),
-            message: self.to_string(),
+            message,
             missing: None,
             current_rev: None,
         };
@@ -139,6 +147,16 @@ mod tests {
             full.status_and_code(),
             (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
         );
+        let told = ApiError::Blob(BlobError::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "at /srv/dbx/blocks/tmp/.tmp1234",
+        )))
+        .info();
+        assert!(
+            told.message.starts_with("the server's disk is full"),
+            "{told:?}"
+        );
+        assert!(!told.message.contains("/srv"), "no server path: {told:?}");
         let other = ApiError::Blob(BlobError::Io(std::io::ErrorKind::PermissionDenied.into()));
         assert_eq!(
             other.status_and_code(),
