@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    success
-  1    error (including conflicts left for you to resolve)
+  1    error (including conflicts left for you to resolve, and a full disk)
   2    usage error
   3    not logged in, bad token or permission denied
   4    not found
