@@ -523,7 +523,8 @@ async fn fetch_blocks<M: MetaStore, B: BlobStore>(
     for h in &req.hashes {
         check_hash(h)?;
     }
-    // The size limit from the metadata, before any byte is read.
+    // What the caller may read, with the sizes: the size limit is checked from the metadata,
+    // before any byte is read.
     let sizes = app.store.readable_blocks(&caller.user, &req.hashes).await?;
     if let Some(h) = req.hashes.iter().find(|h| !sizes.contains_key(*h)) {
         return Err(ApiError::NotFound(format!("block {h} not found")));
