@@ -75,6 +75,13 @@ pub async fn open(
     Ok(pool)
 }
 
+/// Whether `e` is SQLite's SQLITE_FULL: the disk holding the database is full.
+pub fn is_full(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "13")
+}
+
 /// One bound value of a multi-row insert ([`insert_rows`]).
 pub enum Param {
     Int(i64),

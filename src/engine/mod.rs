@@ -91,12 +91,7 @@ impl EngineError {
 
 impl From<sqlx::Error> for EngineError {
     fn from(e: sqlx::Error) -> Self {
-        // SQLITE_FULL: the disk holding the index is full.
-        let full = e
-            .as_database_error()
-            .and_then(|d| d.code())
-            .is_some_and(|c| c == "13");
-        if full {
+        if crate::sqlite::is_full(&e) {
             EngineError::DiskFull {
                 path: PathBuf::from(".dbx/index.db (the folder's index)"),
                 source: e.into(),

@@ -87,11 +87,7 @@ impl ApiError {
     fn is_storage_full(&self) -> bool {
         match self {
             ApiError::Blob(BlobError::Io(e)) => e.kind() == std::io::ErrorKind::StorageFull,
-            // SQLITE_FULL
-            ApiError::Store(StoreError::Db(e)) => e
-                .as_database_error()
-                .and_then(|d| d.code())
-                .is_some_and(|c| c == "13"),
+            ApiError::Store(StoreError::Db(e)) => crate::sqlite::is_full(e),
             _ => false,
         }
     }
@@ -105,7 +101,7 @@ impl ApiError {
             tracing::debug!(error = %self, code, "request refused");
         }
         // The log has the details (which file, which device); the client needs what to do.
-        let message = if code == "storage_full" {
+        let message = if self.is_storage_full() {
             "the server's disk is full, so nothing was stored: its administrator must free some \
              space, then run the command again"
                 .to_string()

@@ -87,11 +87,9 @@ enum Read {
 }
 
 fn index_err(e: sqlx::Error) -> BlobError {
-    // SQLITE_FULL: the disk is full, which the server reports as such (507).
-    if let sqlx::Error::Database(d) = &e {
-        if d.code().as_deref() == Some("13") {
-            return BlobError::Io(io::ErrorKind::StorageFull.into());
-        }
+    // The disk is full, which the server reports as such (507).
+    if crate::sqlite::is_full(&e) {
+        return BlobError::Io(io::ErrorKind::StorageFull.into());
     }
     BlobError::Index(e)
 }

@@ -1050,8 +1050,7 @@ impl MetaStore for SqliteStore {
     ) -> StoreResult<std::collections::HashMap<String, u64>> {
         let mut present = std::collections::HashMap::new();
         for batch in hashes.chunks(MAX_MISSING_BATCH) {
-            let json =
-                serde_json::to_string(batch).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let json = to_json(batch)?;
             // A user's namespaces are its root for now; shared folders add their namespaces here.
             let rows: String = sqlx::query_scalar(
                 "SELECT json_group_array(json_array(b.hash, b.size)) FROM blocks b
@@ -1072,8 +1071,7 @@ impl MetaStore for SqliteStore {
     async fn existing_blocks(&self, hashes: &[String]) -> StoreResult<HashSet<String>> {
         let mut out = HashSet::new();
         for batch in hashes.chunks(MAX_MISSING_BATCH) {
-            let json =
-                serde_json::to_string(batch).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let json = to_json(batch)?;
             let rows: String = sqlx::query_scalar(
                 "SELECT json_group_array(hash) FROM blocks
                  WHERE hash IN (SELECT value FROM json_each(?))",
@@ -1092,8 +1090,7 @@ impl MetaStore for SqliteStore {
     ) -> StoreResult<std::collections::HashMap<String, u64>> {
         let mut out = std::collections::HashMap::new();
         for batch in hashes.chunks(MAX_MISSING_BATCH) {
-            let json =
-                serde_json::to_string(batch).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let json = to_json(batch)?;
             let rows: String = sqlx::query_scalar(
                 "SELECT json_group_array(json_array(hash, size)) FROM blocks
                  WHERE hash IN (SELECT value FROM json_each(?))",
