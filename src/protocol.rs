@@ -611,16 +611,22 @@ pub fn block_hash(bytes: &[u8]) -> String {
 /// Whether the CPU has SHA extensions (SHA-NI). With them one SHA-256 at a time runs at
 /// 1.2–1.85 GB/s a core (`../shared/bench/FACTS.md`), as fast as 16 lanes of AVX-512 whose
 /// messages have one length, and much faster than lanes of unlike lengths (0.4–0.8 GB/s):
-/// [`block_hashes`] then hashes one block at a time.
-fn sha_extensions() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("sha")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// [`block_hashes`] then hashes one block at a time, and a big download is verified as it
+/// arrives. `DBX_SHA_EXTENSIONS=0` or `1` overrides the detection, to test or measure either
+/// way on any CPU (both give the same ids; only the speed differs).
+pub fn sha_extensions() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| match std::env::var("DBX_SHA_EXTENSIONS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => {
+            #[cfg(target_arch = "x86_64")]
+            let has = std::arch::is_x86_feature_detected!("sha");
+            #[cfg(not(target_arch = "x86_64"))]
+            let has = false;
+            has
+        }
+    })
 }
 
 /// Below this many blocks, [`block_hashes`] hashes one block at a time.

@@ -4,6 +4,7 @@
 
 pub mod chunker;
 pub mod config;
+pub mod direct;
 pub mod index;
 pub mod lock;
 pub mod planner;

@@ -28,7 +28,7 @@ use super::index::{Index, IndexOp, RemoteOp, SyncedEntry, SyncedTree};
 use super::planner::{self, Action, Direction, LocalState, LocalStates, RemoteTree};
 use super::remote::{Remote, RemoteError};
 use super::scanner::{self, LocalEntry, Scan, PART_PREFIX, TEMP_PREFIX};
-use super::{EngineError, Progress};
+use super::{direct, EngineError, Progress};
 use crate::protocol::{self, ChunkParams, CommitRequest, EntryKind};
 
 /// Hashing tasks at once (CPU-bound; this machine class has 2 cores).
@@ -2456,6 +2456,48 @@ impl BlockSource<'_> {
         Ok(out)
     }
 
+    /// Verifies fetched blocks against `hashes` (those read from local files were verified
+    /// as they were read) and fingerprints them all, on a blocking thread. A block that is not
+    /// what its id says (damaged on the way) is fetched again alone, verified at the source.
+    async fn verified(
+        &self,
+        hashes: &[String],
+        blocks: Vec<(bytes::Bytes, bool)>,
+    ) -> Result<Vec<Fetched>, EngineError> {
+        let wanted = hashes.to_vec();
+        let (mut blocks, bad) = blocking(move || {
+            let mut bad = Vec::new();
+            let blocks: Vec<Fetched> = blocks
+                .into_iter()
+                .enumerate()
+                .map(|(k, (bytes, reused))| {
+                    if !reused && protocol::block_hash(&bytes) != wanted[k] {
+                        bad.push(k);
+                    }
+                    let fp = Some(chunker::fingerprint(&bytes));
+                    Fetched {
+                        bytes,
+                        reused,
+                        fp,
+                        again: 0,
+                    }
+                })
+                .collect();
+            (blocks, bad)
+        })
+        .await;
+        for k in bad {
+            let want = &hashes[k];
+            tracing::warn!(block = %want, "a downloaded block did not match its id; fetching it again");
+            let bytes = self.remote.get_block(want).await?;
+            let block = &mut blocks[k];
+            block.fp = Some(chunker::fingerprint(&bytes));
+            block.again = bytes.len() as u64;
+            block.bytes = bytes;
+        }
+        Ok(blocks)
+    }
+
     /// Blocks, in order: each from an unchanged local file that holds it (re-verified), else
     /// from the server (not verified yet), those in one request (or one by one if the server
     /// finds it too large). With each, whether it was reused from a local file.
@@ -2485,6 +2527,16 @@ impl BlockSource<'_> {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| RemoteError::Protocol("fewer blocks than asked for".into()))?)
     }
+}
+
+/// A block of a big download, verified (with its fingerprint) or to be verified.
+struct Fetched {
+    bytes: bytes::Bytes,
+    /// Read from a local file rather than fetched.
+    reused: bool,
+    fp: Option<Fingerprint>,
+    /// Bytes fetched again because the first copy did not match its id.
+    again: u64,
 }
 
 /// The outcome of a background flush started by `download_one`.
@@ -2553,7 +2605,6 @@ async fn download_one(
     expected: Option<&LocalEntry>,
     progress: &Arc<dyn Progress>,
 ) -> Result<Option<Downloaded>, EngineError> {
-    use std::io::{Seek, SeekFrom};
     let root = source.root;
     // A big file downloads into a partial file named after its content, kept if the run is
     // killed: the next run keeps every block already written (re-verified) and fetches the rest.
@@ -2578,7 +2629,7 @@ async fn download_one(
     } else {
         HashMap::new()
     };
-    let mut file = fs::OpenOptions::new()
+    let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -2611,9 +2662,33 @@ async fn download_one(
         offset += len;
         i += 1;
     }
-    file.seek(SeekFrom::Start(offset)).map_err(io_at(&part))?;
+    // With SHA extensions, blocks are verified as they arrive, one at a time, and written to
+    // the disk directly (see `direct`). Without them, lockstep hashing wants groups of like
+    // lengths: blocks are written as they come and verified a window at a time, on a blocking
+    // thread, while the next ones come, read back from the page cache in groups of like
+    // lengths (see `chunker::GROUP_CHUNKS`; blocks in file order made lanes wait on the
+    // longest one). Nothing is renamed into place before every block is verified; a killed
+    // run's partial file is re-verified by the next one.
+    let in_memory = protocol::sha_extensions();
+    let mut writer =
+        direct::SequentialWriter::new(file, &part, offset, in_memory).map_err(io_at(&part))?;
     let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch(entry)))
-        .map(|hashes| source.fetch(hashes))
+        .map(|hashes| async move {
+            let blocks = source.fetch(hashes).await?;
+            if in_memory {
+                source.verified(hashes, blocks).await
+            } else {
+                Ok(blocks
+                    .into_iter()
+                    .map(|(bytes, reused)| Fetched {
+                        bytes,
+                        reused,
+                        fp: None,
+                        again: 0,
+                    })
+                    .collect())
+            }
+        })
         .buffered(DOWNLOAD_FETCHES_IN_FLIGHT);
     let mut received = offset;
     // The disk is asked to catch up every WRITEBACK_BYTES, on a blocking thread, while the
@@ -2621,12 +2696,7 @@ async fn download_one(
     // fsync of a big file would otherwise wait for all of it (~1 s for 512 MiB here).
     let mut flushing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
     let mut unflushed = 0u64;
-    // Blocks are written as they come and verified a window at a time, on a blocking thread,
-    // while the next ones come: read back from the page cache in groups of like lengths, so
-    // the lockstep hashing keeps its lanes busy (see `chunker::GROUP_CHUNKS`; blocks in file
-    // order made lanes wait on the longest one). Nothing is renamed into place before every
-    // block is verified; a killed run's partial file is re-verified by the next one.
-    let reader = Arc::new(file.try_clone().map_err(io_at(&part))?);
+    let reader = Arc::new(writer.file().try_clone().map_err(io_at(&part))?);
     let buffers = chunker::ReadBuffers::for_verifying(source.max_block);
     let mut unverified: Vec<chunker::Cut> = Vec::new();
     let mut unverified_bytes = 0u64;
@@ -2636,35 +2706,41 @@ async fn download_one(
             if let Some(done) = flushing.take() {
                 flushed(done).await.map_err(io_at(&part))?;
             }
-            let f = file.try_clone().map_err(io_at(&part))?;
+            let f = writer.file().try_clone().map_err(io_at(&part))?;
             flushing = Some(tokio::task::spawn_blocking(move || f.sync_data()));
             unflushed = 0;
         }
-        for (bytes, reused) in group? {
-            let len = bytes.len() as u64;
-            if reused {
+        for block in group? {
+            let len = block.bytes.len() as u64;
+            if block.reused {
                 got.bytes_reused += len;
             } else {
                 got.blocks_fetched += 1;
-                got.bytes_fetched += len;
+                got.bytes_fetched += len + block.again;
             }
-            unverified.push((got.block_lens.len(), received, bytes.len()));
-            got.block_lens.push(bytes.len() as u32);
-            file.write_all(&bytes).map_err(io_at(&part))?;
-            unverified_bytes += len;
+            if in_memory {
+                fps[got.block_lens.len()] = block.fp;
+            } else {
+                unverified.push((got.block_lens.len(), received, block.bytes.len()));
+                unverified_bytes += len;
+            }
+            got.block_lens.push(len as u32);
+            writer.write(&block.bytes).map_err(io_at(&part))?;
             received += len;
             unflushed += len;
             progress.advance(len);
         }
         if unverified_bytes >= chunker::WINDOW_BYTES {
+            let file = writer.file();
             if let Some(v) = verifying.take() {
-                got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
+                got.bytes_fetched += checked(v, source, entry, (file, &part), &mut fps).await?;
             }
             let window = std::mem::take(&mut unverified);
             verifying = Some(verify(&reader, &buffers, window));
             unverified_bytes = 0;
         }
     }
+    let file = writer.finish().map_err(io_at(&part))?;
     if let Some(v) = verifying {
         got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
     }

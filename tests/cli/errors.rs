@@ -286,13 +286,22 @@ fn a_block_corrupted_on_the_server_is_never_written_locally() {
     );
 }
 
-/// A big file's blocks are written as they come and verified a window at a time: a damaged
-/// one is found before anything is put in place, and asked for again, verified at the source,
+/// A big file's blocks are verified as they come, or written and verified a window at a time:
+/// a damaged one is found before anything is put in place, and asked for again, verified at the source,
 /// which quarantines it; lost, not busy, so the exit code is 1, not 5 (try again later).
 #[test]
 fn a_big_file_with_a_block_corrupted_on_the_server_is_never_put_in_place() {
+    for has in [true, false] {
+        big_file_with_a_corrupted_block(has);
+    }
+}
+
+/// With SHA extensions or not (see `DBX_SHA_EXTENSIONS`): blocks verified as they arrive, or
+/// a window at a time.
+fn big_file_with_a_corrupted_block(sha_extensions: bool) {
     let server = Server::start();
-    let (dev1, dev2) = two_devices(&server);
+    let (dev1, mut dev2) = two_devices(&server);
+    dev2.sha_extensions = Some(sha_extensions);
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a");
     let b = work.path().join("b");

@@ -94,12 +94,16 @@ impl Drop for Server {
 /// A client machine: its own HOME and config directory (tokens in a 0600 file).
 pub struct Client {
     pub home: TempDir,
+    /// Whether dbx is told the CPU has SHA extensions (`DBX_SHA_EXTENSIONS`), which picks how
+    /// a big download is verified; detected when `None`.
+    pub sha_extensions: Option<bool>,
 }
 
 impl Client {
     pub fn new() -> Client {
         Client {
             home: tempfile::tempdir().unwrap(),
+            sha_extensions: None,
         }
     }
 
@@ -113,6 +117,9 @@ impl Client {
             .env("DBX_KEYRING", "file")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
+        if let Some(has) = self.sha_extensions {
+            c.env("DBX_SHA_EXTENSIONS", if has { "1" } else { "0" });
+        }
         c
     }
 
