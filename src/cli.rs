@@ -20,6 +20,9 @@ Environment:
   DBX_TOKEN     bearer token, overriding the stored one
   DBX_KEYRING   `file`: keep tokens in a 0600 file, not in the OS keyring
   DBX_DEVICE    the device name `dbx login` gives the server (default: the host name)
+  DBX_SHA_EXTENSIONS
+                `0` or `1`: hash and verify as on a CPU without or with SHA-NI (default:
+                detected; the same results, only the speed differs)
   NO_COLOR      disables colours";
 
 #[derive(Debug, Parser)]
