@@ -109,15 +109,11 @@ impl SequentialWriter {
     /// Writes the staged bytes that fill whole aligned blocks; the rest stay staged.
     fn flush_aligned(&mut self) -> io::Result<()> {
         let whole = self.staged / ALIGN * ALIGN;
-        if whole == 0 {
+        let Some(direct) = self.direct.as_ref().filter(|_| whole > 0) else {
             return Ok(());
-        }
-        let range = self.start..self.start + whole;
-        let written = match &self.direct {
-            Some(direct) => direct.write_all_at(&self.buf[range.clone()], self.at),
-            None => unreachable!("only direct writers stage"),
         };
-        let refused = match written {
+        let range = self.start..self.start + whole;
+        let refused = match direct.write_all_at(&self.buf[range.clone()], self.at) {
             Ok(()) => false,
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                 // The filesystem opened the file for direct I/O but refuses the write: write

@@ -2456,6 +2456,12 @@ impl BlockSource<'_> {
         Ok(out)
     }
 
+    /// Fetches again, alone and verified at the source, a block that did not match its id.
+    async fn fetch_again(&self, want: &str) -> Result<bytes::Bytes, EngineError> {
+        tracing::warn!(block = %want, "a downloaded block did not match its id; fetching it again");
+        Ok(self.remote.get_block(want).await?)
+    }
+
     /// Verifies fetched blocks against `hashes` (those read from local files were verified
     /// as they were read) and fingerprints them all, on a blocking thread. A block that is not
     /// what its id says (damaged on the way) is fetched again alone, verified at the source.
@@ -2487,9 +2493,7 @@ impl BlockSource<'_> {
         })
         .await;
         for k in bad {
-            let want = &hashes[k];
-            tracing::warn!(block = %want, "a downloaded block did not match its id; fetching it again");
-            let bytes = self.remote.get_block(want).await?;
+            let bytes = self.fetch_again(&hashes[k]).await?;
             let block = &mut blocks[k];
             block.fp = Some(chunker::fingerprint(&bytes));
             block.again = bytes.len() as u64;
@@ -2580,8 +2584,7 @@ async fn checked(
             fps[i] = block.fp;
             continue;
         }
-        tracing::warn!(block = %want, "a downloaded block did not match its id; fetching it again");
-        let bytes = source.remote.get_block(want).await?;
+        let bytes = source.fetch_again(want).await?;
         if bytes.len() != block.len as usize {
             return Err(RemoteError::Protocol(format!(
                 "block {want} came back with another length on a second fetch"

@@ -287,8 +287,9 @@ fn a_block_corrupted_on_the_server_is_never_written_locally() {
 }
 
 /// A big file's blocks are verified as they come, or written and verified a window at a time:
-/// a damaged one is found before anything is put in place, and asked for again, verified at the source,
-/// which quarantines it; lost, not busy, so the exit code is 1, not 5 (try again later).
+/// a damaged one is found before anything is put in place, and asked for again, verified at
+/// the source, which quarantines it; lost, not busy, so the exit code is 1, not 5 (try again
+/// later).
 #[test]
 fn a_big_file_with_a_block_corrupted_on_the_server_is_never_put_in_place() {
     for has in [true, false] {
