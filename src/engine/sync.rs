@@ -525,19 +525,45 @@ pub async fn run(
     // New files the server does not know are uploaded whatever they hold: their blocks may go
     // while the rest is hashed. Not on a dry run, a pull, or in watch mode (files still being
     // written wait there).
+    // Their commits may go too, while the rest is hashed, when nothing synced is gone from
+    // here (no move can pair such a file with a vanished one) or from the server (no delete
+    // can stop the run: `--max-delete` promises a run that changes nothing) and nothing on the
+    // server or in the index stands where the file's folders go: the plan then uploads each
+    // of them as new, and commits it, whatever else it finds (see `EarlySend::commit`).
+    let nothing_gone = synced.iter().all(|(p, s)| {
+        scan.tree.get(p).is_some_and(|l| l.kind == s.kind)
+            && remote_tree.get(p).is_some_and(|r| r.kind == s.kind)
+    });
     let early =
         (opts.direction != Direction::Pull && !opts.dry_run && opts.settle.is_none()).then(|| {
+            let eligible: HashSet<String> = to_hash
+                .iter()
+                .filter(|(p, _, _)| !synced.contains_key(p) && !remote_tree.contains_key(p))
+                .map(|(p, _, _)| p.clone())
+                .collect();
+            let committable = if nothing_gone {
+                eligible
+                    .iter()
+                    .filter(|p| {
+                        folders_of(p).all(|d| {
+                            remote_tree.get(d).is_none_or(|e| e.kind == EntryKind::Dir)
+                                && synced.get(d).is_none_or(|e| e.kind == EntryKind::Dir)
+                        })
+                    })
+                    .cloned()
+                    .collect()
+            } else {
+                HashSet::new()
+            };
             EarlySend {
                 remote: remote.single_attempt(),
+                remote_root: &remote_root,
                 scan: &scan,
-                eligible: to_hash
-                    .iter()
-                    .filter(|(p, _, _)| !synced.contains_key(p) && !remote_tree.contains_key(p))
-                    .map(|(p, _, _)| p.clone())
-                    .collect(),
+                eligible,
+                committable,
             }
         });
-    let (digests, early_sent) = hash_files(
+    let (digests, early_sent, early_commits) = hash_files(
         &folder.root,
         to_hash,
         info.chunk,
@@ -706,6 +732,7 @@ pub async fn run(
         remote_tree: &remote_tree,
         digests,
         early_sent,
+        early_commits,
         params: info.chunk,
         sources: &sources,
         renamed_away: HashSet::new(),
@@ -966,7 +993,7 @@ async fn hash_files(
     progress: &Arc<dyn Progress>,
     report: &mut Report,
     early: Option<EarlySend<'_>>,
-) -> Result<(HashMap<String, Digest>, EarlySent), EngineError> {
+) -> Result<(HashMap<String, Digest>, EarlySent, EarlyCommits), EngineError> {
     let total: u64 = files.iter().map(|(_, s, _)| s).sum();
     progress.start("hashing", total);
     // Big files one at a time (each is cut by one thread and hashed by others); small ones
@@ -1051,15 +1078,19 @@ async fn hash_files(
     let sending = async {
         match &early {
             Some(e) => {
-                let (mut sent, streamed) =
-                    futures::join!(e.run(root, to_send, &hashed), e.stream(to_stream));
+                let (sent_files, to_commit) = futures::channel::mpsc::unbounded();
+                let (mut sent, streamed, committed) = futures::join!(
+                    e.run(root, to_send, &hashed, sent_files),
+                    e.stream(to_stream),
+                    e.commit(to_commit)
+                );
                 sent.extend(streamed);
-                sent
+                (sent, committed)
             }
-            None => EarlySent::default(),
+            None => (EarlySent::default(), EarlyCommits::new()),
         }
     };
-    let (results, early_sent) = futures::join!(hashing, sending);
+    let (results, (early_sent, mut early_commits)) = futures::join!(hashing, sending);
     progress.finish();
     let (blocks, bytes) = (early_sent.len() as u64, early_sent.values().sum::<u64>());
     if blocks > 0 {
@@ -1101,7 +1132,17 @@ async fn hash_files(
             }
         }
     }
-    Ok((out, early_sent))
+    // Only what the plan sees as hashed is taken from the early commits (see `Apply::upload`).
+    early_commits.retain(|path, _| out.contains_key(path));
+    if !early_commits.is_empty() {
+        tracing::debug!(files = early_commits.len(), "committed while hashing");
+    }
+    Ok((out, early_sent, early_commits))
+}
+
+/// The folders above `path` (`a/b/c`: `a`, `a/b`).
+fn folders_of(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
 }
 
 /// Sends the blocks of new files while the other files are still being hashed, so the network
@@ -1114,15 +1155,48 @@ async fn hash_files(
 /// not sent by the end of the hashing is left to the upload, which shows its progress; a
 /// failure here only stops the early sending (the upload meets it again, retries and reports
 /// it): its requests are tried once, so a failing server is not waited for twice.
+///
+/// Of these files, the small ones the plan will upload as new whatever else it finds
+/// (`committable`) are committed too once their blocks are sent, a batch at a time, while
+/// the hashing goes on: the commits (one SQLite writer on the server) no longer wait for the
+/// last file to be hashed. The upload takes their outcomes as its own (see `Apply::upload`);
+/// a run that stops before leaves them unrecorded here, and the next run finds the same
+/// content on both sides, which it records without a transfer.
 struct EarlySend<'a> {
     remote: Remote,
+    remote_root: &'a str,
     scan: &'a Scan,
     /// Files the plan will upload whatever their content.
     eligible: HashSet<String>,
+    /// Files the plan will upload as new whatever else it finds.
+    committable: HashSet<String>,
 }
 
 /// What [`EarlySend`] sent: each block with its length.
 type EarlySent = HashMap<String, u64>;
+
+/// What [`EarlySend`] committed, by path: the stat the index records, the outcome (the request
+/// is made again from the digest: see [`commit_request`]).
+type EarlyCommits = HashMap<String, (LocalEntry, Result<protocol::Committed, RemoteError>)>;
+
+/// The commit of `path` (relative to the folder) with content `d`, as stat `l` describes it.
+fn commit_request(
+    remote_root: &str,
+    path: &str,
+    parent_rev: Option<i64>,
+    d: &Digest,
+    l: &LocalEntry,
+) -> CommitRequest {
+    CommitRequest {
+        path: protocol::join_path(remote_root, path),
+        parent_rev,
+        blocks: d.block_ids(),
+        size: d.size,
+        content_hash: d.content_hash.clone(),
+        mtime: l.mtime_ms(),
+        executable: l.executable,
+    }
+}
 
 /// Files hashed together: one big file, or many small ones (with the blocks each had before).
 type HashJob = Vec<(String, KnownBlocks)>;
@@ -1136,6 +1210,7 @@ impl EarlySend<'_> {
         root: &Path,
         mut digested: futures::channel::mpsc::UnboundedReceiver<Vec<(String, Digest)>>,
         hashed: &std::sync::atomic::AtomicBool,
+        to_commit: futures::channel::mpsc::UnboundedSender<Vec<(String, Digest)>>,
     ) -> EarlySent {
         let mut sent = EarlySent::default();
         let mut pending: Vec<(String, Digest)> = Vec::new();
@@ -1151,12 +1226,64 @@ impl EarlySend<'_> {
             }
             let round = std::mem::take(&mut pending);
             pending_bytes = 0;
-            if let Err(e) = self.send(root, &round, &mut sent, hashed).await {
-                tracing::debug!(error = %e, "early upload stopped; the upload will send the rest");
-                break;
+            match self.send(root, &round, &mut sent, hashed).await {
+                Ok(unsent) => {
+                    // Files whose every block is on the server now, unchanged since hashed.
+                    let ready: Vec<(String, Digest)> = round
+                        .into_iter()
+                        .filter(|(p, d)| {
+                            self.committable.contains(p)
+                                && d.blocks.iter().all(|b| !unsent.contains(&b.hash))
+                        })
+                        .collect();
+                    if !ready.is_empty() {
+                        let _ = to_commit.unbounded_send(ready);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "early upload stopped; the upload will send the rest");
+                    break;
+                }
             }
         }
         sent
+    }
+
+    /// Commits the files `run` hands over, [`COMMIT_BATCH`] to a request, one request at a
+    /// time, as new files; stops at the first failed request (those files and the rest go
+    /// with the upload, which retries: a commit that reached the server finds it has exactly
+    /// this and writes nothing).
+    async fn commit(
+        &self,
+        mut ready: futures::channel::mpsc::UnboundedReceiver<Vec<(String, Digest)>>,
+    ) -> EarlyCommits {
+        let mut done = EarlyCommits::new();
+        while let Some(files) = ready.next().await {
+            for batch in files.chunks(COMMIT_BATCH) {
+                let commits: Vec<(String, LocalEntry, CommitRequest)> = batch
+                    .iter()
+                    .filter_map(|(path, d)| {
+                        let l = self.scan.tree.get(path)?.clone();
+                        let req = commit_request(self.remote_root, path, None, d, &l);
+                        Some((path.clone(), l, req))
+                    })
+                    .collect();
+                let (kept, reqs): (Vec<_>, Vec<_>) =
+                    commits.into_iter().map(|(p, l, r)| ((p, l), r)).unzip();
+                match self.remote.commit_batch(reqs).await {
+                    Ok(outcomes) => {
+                        for ((path, l), r) in kept.into_iter().zip(outcomes) {
+                            done.insert(path, (l, r));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "committing while hashing stopped; the upload will commit the rest");
+                        return done;
+                    }
+                }
+            }
+        }
+        done
     }
 
     /// Sends the blocks that the hashing of big files hands over (each group once hashed: one
@@ -1214,13 +1341,15 @@ impl EarlySend<'_> {
         sent
     }
 
+    /// Sends what the server lacks of `files`' blocks; returns the blocks it lacks still (not
+    /// sent: the hashing ended first, or their file changed under the stat check).
     async fn send(
         &self,
         root: &Path,
         files: &[(String, Digest)],
         sent: &mut EarlySent,
         hashed: &std::sync::atomic::AtomicBool,
-    ) -> Result<(), EngineError> {
+    ) -> Result<HashSet<String>, EngineError> {
         let mut sources: HashMap<&str, (&str, &BlockRef)> = HashMap::new();
         for (path, d) in files {
             for b in &d.blocks {
@@ -1230,6 +1359,7 @@ impl EarlySend<'_> {
             }
         }
         let missing = missing_blocks(&self.remote, &sources).await?;
+        let mut unsent: HashSet<String> = missing.iter().cloned().collect();
         let quiet: Arc<dyn Progress> = Arc::new(super::NoProgress);
         for window in missing.chunks(UPLOAD_WINDOW) {
             if hashed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1247,11 +1377,12 @@ impl EarlySend<'_> {
                 if let Some((path, b)) = sources.get(h.as_str()) {
                     if !changed.contains(path) {
                         sent.insert(h.clone(), u64::from(b.len));
+                        unsent.remove(h);
                     }
                 }
             }
         }
-        Ok(())
+        Ok(unsent)
     }
 }
 
@@ -1314,6 +1445,8 @@ struct Apply<'a> {
     /// Blocks sent while hashing (see [`EarlySend`]), with their lengths: counted as sent, not
     /// as deduplicated, when the upload finds them on the server.
     early_sent: HashMap<String, u64>,
+    /// Files committed while hashing (see [`EarlySend`]): their upload is done.
+    early_commits: EarlyCommits,
     params: ChunkParams,
     sources: &'a HashMap<String, (String, BlockRef)>,
     /// Paths whose local file was renamed to a conflicted copy in this run.
@@ -1803,7 +1936,8 @@ impl Apply<'_> {
     /// Uploads files: in chunks of at most [`COMMIT_BATCH`] files and [`UPLOAD_CHUNK_BYTES`]
     /// of content, each checked against the server, sent and committed on its own, with
     /// [`UPLOAD_CHUNKS_IN_FLIGHT`] chunks at a time so the next chunk's blocks travel while this
-    /// one commits. A run killed halfway keeps every chunk it committed.
+    /// one commits. A run killed halfway keeps every chunk it committed. New files committed
+    /// while hashing (see [`EarlySend`]) are taken as uploaded, their outcomes as the commits'.
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
         // Files planned without a digest (renamed ones whose hash came from the index).
         let undigested: Vec<(String, u64, KnownBlocks)> = files
@@ -1812,7 +1946,7 @@ impl Apply<'_> {
             .map(|(p, _)| (p.clone(), 0, KnownBlocks::new()))
             .collect();
         if !undigested.is_empty() {
-            let (more, _) = hash_files(
+            let (more, _, _) = hash_files(
                 self.root,
                 undigested,
                 self.params,
@@ -1825,6 +1959,26 @@ impl Apply<'_> {
         }
         let size_of = |p: &str| self.digests.get(p).map_or(0, |d| d.size);
         let total: u64 = files.iter().map(|(p, _)| size_of(p)).sum();
+        // Those committed while hashing, as new files: done (see `EarlySend::commit`).
+        let mut early = ChunkUploaded::default();
+        let mut early_bytes = 0;
+        let files: Vec<(String, Option<i64>)> = files
+            .into_iter()
+            .filter(|(path, parent_rev)| {
+                let Some(((l, r), d)) = parent_rev
+                    .is_none()
+                    .then(|| self.early_commits.remove(path))
+                    .flatten()
+                    .zip(self.digests.get(path))
+                else {
+                    return true;
+                };
+                let req = commit_request(self.remote_root, path, None, d, &l);
+                early_bytes += req.size;
+                early.commits.push((path.clone(), l, req, r));
+                false
+            })
+            .collect();
         let mut chunks: Vec<Vec<(String, Option<i64>)>> = Vec::new();
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0u64;
@@ -1844,6 +1998,25 @@ impl Apply<'_> {
         }
         self.progress.start("uploading", total);
         let t0 = std::time::Instant::now();
+        if !early.commits.is_empty() {
+            // Their blocks were sent while hashing (counted then), or the server had them.
+            let mut seen = HashSet::new();
+            early.bytes_deduplicated = early
+                .commits
+                .iter()
+                .flat_map(|(path, ..)| self.digests.get(path).into_iter().flat_map(|d| &d.blocks))
+                .filter(|b| seen.insert(&b.hash) && !self.early_sent.contains_key(&b.hash))
+                .map(|b| u64::from(b.len))
+                .sum();
+            let digests = std::mem::take(&mut self.digests);
+            let absorbed = self.absorb_upload(early, &digests);
+            self.digests = digests;
+            absorbed?;
+            self.progress.advance(early_bytes);
+            if !self.unsynced {
+                self.hand_over_records(self.ops.len());
+            }
+        }
         // Lent to the chunks while their outcomes are absorbed as they come.
         let digests = std::mem::take(&mut self.digests);
         let early_sent = std::mem::take(&mut self.early_sent);
@@ -1902,10 +2075,6 @@ struct UploadCx<'a> {
 }
 
 impl UploadCx<'_> {
-    fn remote_path(&self, rel: &str) -> String {
-        protocol::join_path(self.remote_root, rel)
-    }
-
     /// One chunk of an upload: which blocks the server lacks, sending them, then one commit
     /// request for the chunk's files. The caller absorbs the result.
     async fn upload_chunk(
@@ -1966,15 +2135,7 @@ impl UploadCx<'_> {
                     .get(path)
                     .cloned()
                     .or_else(|| now_stat(&self.root.join(path)))?;
-                let req = CommitRequest {
-                    path: self.remote_path(path),
-                    parent_rev: *parent_rev,
-                    blocks: d.block_ids(),
-                    size: d.size,
-                    content_hash: d.content_hash.clone(),
-                    mtime: l.mtime_ms(),
-                    executable: l.executable,
-                };
+                let req = commit_request(self.remote_root, path, *parent_rev, d, &l);
                 Some((path.clone(), l, req))
             })
             .collect();

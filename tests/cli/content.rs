@@ -401,8 +401,9 @@ async fn a_push_killed_between_chunks_keeps_what_it_committed() {
 }
 
 /// A first push sends new files' blocks while the others are still being hashed, a big file's
-/// as it is read; every block goes and is counted once (as sent, not as deduplicated) and the
-/// files round-trip. A dry run sends none.
+/// as it is read, and commits the small ones whose blocks went; every block goes and is counted
+/// once (as sent, not as deduplicated), every file is committed once and recorded (the next
+/// push has nothing to do), and the files round-trip. A dry run sends none.
 #[test]
 fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
     let server = Server::start();
@@ -443,7 +444,55 @@ fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
     assert_eq!(report["block_bytes_sent"], 78u64 << 20, "{report}");
     assert_eq!(report["bytes_deduplicated"], 0, "{report}");
     assert_eq!(stored_blocks(server.data.path()).len(), blocks);
+    let early: usize = log
+        .lines()
+        .find_map(|l| l.split("committed while hashing files=").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("small files are committed while hashing: {log}"));
+    assert!((1..13).contains(&early), "{early}: {log}");
+    // Each file once in the journal: the upload took the early commits as its own.
+    let history = dev.json(&a, &["history", "f00.bin"]);
+    assert_eq!(
+        history["entries"].as_array().map(Vec::len),
+        Some(1),
+        "{history}"
+    );
+    let again = dev.json(&a, &["push"]);
+    assert_eq!(again["files_uploaded"], 0, "{again}");
+    assert_eq!(again["blocks_uploaded"], 0, "{again}");
 
+    dev2.ok(&b, &["pull"]);
+    assert_same(&digest_tree(&b), &digest_tree(&a));
+}
+
+/// A file copied to a new name, the old one deleted, is moved on the server even when the same
+/// push has enough new files to commit some while hashing: nothing is committed early when a
+/// synced file is gone (the new name, committed as a new file, would stand where the move goes).
+#[test]
+fn a_move_is_not_committed_early_as_a_new_file() {
+    let server = Server::start();
+    let (dev, dev2) = two_devices(&server);
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let mut rng = Rng::new(23);
+    write_file(&a.join("old.bin"), &rng.bytes(1 << 20));
+    dev.init(&a);
+    dev.ok(&a, &["push"]);
+    // Another inode: found by its content, not by the index's stat.
+    std::fs::copy(a.join("old.bin"), a.join("new.bin")).unwrap();
+    std::fs::remove_file(a.join("old.bin")).unwrap();
+    // As in the test above: enough to commit some while hashing, were it allowed.
+    for i in 0..12 {
+        write_file(&a.join(format!("more{i:02}.bin")), &rng.bytes(4 << 20));
+    }
+    write_file(&a.join("big.bin"), &rng.bytes(30 << 20));
+    age_files(&a);
+    let (report, log) = dev.json_logged(&a, &["push"]);
+    assert_eq!(report["files_moved"], 1, "{report}");
+    assert_eq!(report["files_uploaded"], 13, "{report}");
+    assert!(log.contains("sent while hashing"), "{log}");
+    assert!(!log.contains("committed while hashing"), "{log}");
+    dev2.init(&b);
     dev2.ok(&b, &["pull"]);
     assert_same(&digest_tree(&b), &digest_tree(&a));
 }

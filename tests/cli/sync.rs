@@ -474,17 +474,28 @@ fn delete_guard_stops_mass_delete() {
     assert!(server_files(&listing).is_empty(), "{listing}");
 
     // On B the same guard applies to deleting its own 150 local files (the documented
-    // `--max-delete` rule counts local deletes too); with the flag they go.
+    // `--max-delete` rule counts local deletes too); with the flag they go. B has new files
+    // too, enough that some would be committed while hashing, were anything allowed to
+    // change before the guard stops the run.
+    for i in 0..12 {
+        write_file(&p.b.join(format!("new/f{i:02}.bin")), &rng.bytes(4 << 20));
+    }
+    write_file(&p.b.join("new/big.bin"), &rng.bytes(30 << 20));
+    age_files(&p.b);
     let out = p.dev_b.run(&p.b, &["sync"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(
         local_files(&p.b).len(),
-        150,
+        163,
         "a guarded run deletes nothing"
     );
+    let listing = p.dev_a.json(&p.a, &["ls", "-R"]);
+    assert!(server_files(&listing).is_empty(), "nor commits: {listing}");
     let followed = p.dev_b.json(&p.b, &["sync", "--max-delete", "200"]);
     assert_eq!(n(&followed, "files_deleted"), 150, "{followed}");
-    assert!(local_files(&p.b).is_empty());
+    assert_eq!(n(&followed, "files_uploaded"), 13, "{followed}");
+    assert_eq!(local_files(&p.b).len(), 13);
+    p.sync_a();
     assert_same(&digest_tree(&p.b), &digest_tree(&p.a));
 }
 
