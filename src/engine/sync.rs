@@ -1960,22 +1960,19 @@ impl Apply<'_> {
         let size_of = |p: &str| self.digests.get(p).map_or(0, |d| d.size);
         let total: u64 = files.iter().map(|(p, _)| size_of(p)).sum();
         // Those committed while hashing, as new files: done (see `EarlySend::commit`).
-        let mut early = ChunkUploaded::default();
-        let mut early_bytes = 0;
+        let mut early = Vec::new();
         let files: Vec<(String, Option<i64>)> = files
             .into_iter()
             .filter(|(path, parent_rev)| {
-                let Some(((l, r), d)) = parent_rev
+                let Some((l, r)) = parent_rev
                     .is_none()
                     .then(|| self.early_commits.remove(path))
                     .flatten()
-                    .zip(self.digests.get(path))
+                    .filter(|_| self.digests.contains_key(path))
                 else {
                     return true;
                 };
-                let req = commit_request(self.remote_root, path, None, d, &l);
-                early_bytes += req.size;
-                early.commits.push((path.clone(), l, req, r));
+                early.push((path.clone(), l, r));
                 false
             })
             .collect();
@@ -1998,21 +1995,36 @@ impl Apply<'_> {
         }
         self.progress.start("uploading", total);
         let t0 = std::time::Instant::now();
-        if !early.commits.is_empty() {
-            // Their blocks were sent while hashing (counted then), or the server had them.
-            let mut seen = HashSet::new();
-            early.bytes_deduplicated = early
-                .commits
-                .iter()
-                .flat_map(|(path, ..)| self.digests.get(path).into_iter().flat_map(|d| &d.blocks))
-                .filter(|b| seen.insert(&b.hash) && !self.early_sent.contains_key(&b.hash))
-                .map(|b| u64::from(b.len))
-                .sum();
+        // Their blocks were sent while hashing (counted then), or the server had them.
+        let mut seen = HashSet::new();
+        let mut early_deduplicated: u64 = early
+            .iter()
+            .flat_map(|(path, ..)| self.digests.get(path).into_iter().flat_map(|d| &d.blocks))
+            .filter(|b| seen.insert(&b.hash) && !self.early_sent.contains_key(&b.hash))
+            .map(|b| u64::from(b.len))
+            .sum();
+        drop(seen);
+        // A batch at a time, as the upload's own chunks: their records go to the index as
+        // they are made, not all at once.
+        let mut early = early.into_iter().peekable();
+        while early.peek().is_some() {
             let digests = std::mem::take(&mut self.digests);
-            let absorbed = self.absorb_upload(early, &digests);
+            let mut done = ChunkUploaded {
+                bytes_deduplicated: std::mem::take(&mut early_deduplicated),
+                ..ChunkUploaded::default()
+            };
+            let mut bytes = 0;
+            for (path, l, r) in early.by_ref().take(COMMIT_BATCH) {
+                if let Some(d) = digests.get(&path) {
+                    let req = commit_request(self.remote_root, &path, None, d, &l);
+                    bytes += req.size;
+                    done.commits.push((path, l, req, r));
+                }
+            }
+            let absorbed = self.absorb_upload(done, &digests);
             self.digests = digests;
             absorbed?;
-            self.progress.advance(early_bytes);
+            self.progress.advance(bytes);
             if !self.unsynced {
                 self.hand_over_records(self.ops.len());
             }
