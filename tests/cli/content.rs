@@ -410,15 +410,7 @@ fn new_files_blocks_go_while_the_rest_is_hashed_and_count_once() {
     let (dev, dev2) = two_devices(&server);
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
-    let mut rng = Rng::new(17);
-    let mut files: Vec<Vec<u8>> = (0..12).map(|_| rng.bytes(4 << 20)).collect();
-    // Bigger than a small file and than several of the hashing's reads.
-    files.push(rng.bytes(30 << 20));
-    for (i, f) in files.iter().enumerate() {
-        write_file(&a.join(format!("f{i:02}.bin")), f);
-    }
-    // Not modified in the last moments, so the big one goes as it is read.
-    age_files(&a);
+    let files = write_sent_while_hashing(&a, "f", &mut Rng::new(17));
     dev.init(&a);
     dev2.init(&b);
 
@@ -481,12 +473,8 @@ fn a_move_is_not_committed_early_as_a_new_file() {
     // Another inode: found by its content, not by the index's stat.
     std::fs::copy(a.join("old.bin"), a.join("new.bin")).unwrap();
     std::fs::remove_file(a.join("old.bin")).unwrap();
-    // As in the test above: enough to commit some while hashing, were it allowed.
-    for i in 0..12 {
-        write_file(&a.join(format!("more{i:02}.bin")), &rng.bytes(4 << 20));
-    }
-    write_file(&a.join("big.bin"), &rng.bytes(30 << 20));
-    age_files(&a);
+    // Enough to commit some while hashing, were it allowed.
+    write_sent_while_hashing(&a, "more", &mut rng);
     let (report, log) = dev.json_logged(&a, &["push"]);
     assert_eq!(report["files_moved"], 1, "{report}");
     assert_eq!(report["files_uploaded"], 13, "{report}");

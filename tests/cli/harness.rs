@@ -270,6 +270,20 @@ pub fn age_files(root: &Path) {
     }
 }
 
+/// Writes 12 files of 4 MiB (small files, sent 16 MiB at a time) and one of 30 MiB (a big one,
+/// sent as it is read), `{prefix}00.bin` to `{prefix}12.bin` below `root`, then ages everything
+/// there: enough for a push to send blocks, and commit small files, while it is still hashing.
+/// Returns their bytes, in that order.
+pub fn write_sent_while_hashing(root: &Path, prefix: &str, rng: &mut Rng) -> Vec<Vec<u8>> {
+    let mut files: Vec<Vec<u8>> = (0..12).map(|_| rng.bytes(4 << 20)).collect();
+    files.push(rng.bytes(30 << 20));
+    for (i, f) in files.iter().enumerate() {
+        write_file(&root.join(format!("{prefix}{i:02}.bin")), f);
+    }
+    age_files(root);
+    files
+}
+
 pub fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }

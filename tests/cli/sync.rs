@@ -477,11 +477,7 @@ fn delete_guard_stops_mass_delete() {
     // `--max-delete` rule counts local deletes too); with the flag they go. B has new files
     // too, enough that some would be committed while hashing, were anything allowed to
     // change before the guard stops the run.
-    for i in 0..12 {
-        write_file(&p.b.join(format!("new/f{i:02}.bin")), &rng.bytes(4 << 20));
-    }
-    write_file(&p.b.join("new/big.bin"), &rng.bytes(30 << 20));
-    age_files(&p.b);
+    write_sent_while_hashing(&p.b, "new/f", &mut rng);
     let out = p.dev_b.run(&p.b, &["sync"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(
