@@ -26,7 +26,10 @@ if [ -e "$W" ]; then
 fi
 mkdir -p "$W"
 export HOME=$W/home XDG_CONFIG_HOME=$W/home/config DBX_KEYRING=file
-if [ -n "${DATASET:-}" ]; then cp -r "$DATASET" "$W/src"; else python3 "$MKDATA" "$W/src" "$BIG" "$N"; fi
+# The copy keeps the dataset's mtimes (`cp -a`), as the peers' runs read the dataset itself: a
+# file modified in the 2 s before a push is not sent as it is read (its stat could not show a
+# change made during the read), which a fresh copy's new mtimes would impose on dbx alone.
+if [ -n "${DATASET:-}" ]; then cp -a "$DATASET" "$W/src"; else python3 "$MKDATA" "$W/src" "$BIG" "$N"; fi
 "$DBX" admin user add bench --password-stdin --data "$W/data" <<<"bench-password" >/dev/null
 "$DBX" serve --listen 127.0.0.1:0 --data "$W/data" >"$W/serve.log" 2>&1 &
 SERVER=$!
