@@ -587,6 +587,17 @@ pub fn parent_path(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(p, _)| p)
 }
 
+/// The folders above a normalised path, outermost first, the root excluded (`a/b/c`: `a`,
+/// `a/b`): the order folders are made in.
+pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let mut dirs: Vec<&str> =
+        std::iter::successors(Some(parent_path(path)), |p| Some(parent_path(p)))
+            .take_while(|p| !p.is_empty())
+            .collect();
+    dirs.reverse();
+    dirs.into_iter()
+}
+
 /// Joins two normalised paths.
 pub fn join_path(base: &str, rel: &str) -> String {
     match (base.is_empty(), rel.is_empty()) {
@@ -776,6 +787,8 @@ mod tests {
     fn paths_join_and_split() {
         assert_eq!(parent_path("a/b/c"), "a/b");
         assert_eq!(parent_path("a"), "");
+        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), ["a", "a/b"]);
+        assert_eq!(ancestors("a").count(), 0);
         assert_eq!(join_path("", "a"), "a");
         assert_eq!(join_path("a", "b/c"), "a/b/c");
         assert_eq!(join_path("a", ""), "a");

@@ -194,18 +194,6 @@ impl NewRow<'_> {
     }
 }
 
-/// The ancestors of `path`, outermost first (the root excluded): the order folders are made in.
-fn ancestors(path: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut p = protocol::parent_path(path);
-    while !p.is_empty() {
-        out.push(p);
-        p = protocol::parent_path(p);
-    }
-    out.reverse();
-    out
-}
-
 /// Refuses a commit whose blocks the server does not all hold (each missing one named once) or
 /// whose size is not their total. `sizes` maps the blocks the server holds to their sizes.
 fn check_blocks(req: &CommitRequest, sizes: &HashMap<String, i64>) -> StoreResult<()> {
@@ -352,13 +340,7 @@ impl SqliteStore {
         path: &str,
     ) -> StoreResult<Vec<String>> {
         let mut made = Vec::new();
-        let mut ancestors = Vec::new();
-        let mut p = protocol::parent_path(path);
-        while !p.is_empty() {
-            ancestors.push(p);
-            p = protocol::parent_path(p);
-        }
-        for dir in ancestors.into_iter().rev() {
+        for dir in protocol::ancestors(path) {
             match Self::kind_at(tx, ns, dir).await? {
                 Some((EntryKind::Dir, _)) => {}
                 Some((EntryKind::File, _)) => {
@@ -646,7 +628,7 @@ impl SqliteStore {
         }
         let mut paths = live.clone();
         for path in &live {
-            for dir in ancestors(path) {
+            for dir in protocol::ancestors(path) {
                 if live.contains(dir) {
                     return Ok(None);
                 }
@@ -721,7 +703,7 @@ impl SqliteStore {
             }
             let mut new_dirs = Vec::new();
             let mut blocked = None;
-            for dir in ancestors(path) {
+            for dir in protocol::ancestors(path) {
                 let kind = if made.contains(dir) {
                     Some(EntryKind::Dir)
                 } else {
