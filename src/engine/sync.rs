@@ -525,15 +525,12 @@ pub async fn run(
     // New files the server does not know are uploaded whatever they hold: their blocks may go
     // while the rest is hashed. Not on a dry run, a pull, or in watch mode (files still being
     // written wait there).
-    // Their commits may go too, while the rest is hashed, when nothing synced is gone from
-    // here (no move can pair such a file with a vanished one) or from the server (no delete
-    // can stop the run: `--max-delete` promises a run that changes nothing) and nothing on the
-    // server or in the index stands where the file's folders go: the plan then uploads each
-    // of them as new, and commits it, whatever else it finds (see `EarlySend::commit`).
-    let nothing_gone = synced.iter().all(|(p, s)| {
-        scan.tree.get(p).is_some_and(|l| l.kind == s.kind)
-            && remote_tree.get(p).is_some_and(|r| r.kind == s.kind)
-    });
+    // The small ones' commits may go too, while the rest is hashed, when nothing synced is
+    // gone from here (no move can pair such a file with a vanished one) or from the server (no
+    // delete can stop the run: `--max-delete` promises a run that changes nothing) and nothing
+    // on the server or in the index stands where the file's folders go: the plan then uploads
+    // each of them as new, and commits it, whatever else it finds (see `EarlySend::commit`).
+    // Not a big one: sent as it is read, it is known untorn only once the hashing is over.
     let early =
         (opts.direction != Direction::Pull && !opts.dry_run && opts.settle.is_none()).then(|| {
             let eligible: HashSet<String> = to_hash
@@ -541,16 +538,22 @@ pub async fn run(
                 .filter(|(p, _, _)| !synced.contains_key(p) && !remote_tree.contains_key(p))
                 .map(|(p, _, _)| p.clone())
                 .collect();
+            let nothing_gone = synced.iter().all(|(p, s)| {
+                scan.tree.get(p).is_some_and(|l| l.kind == s.kind)
+                    && remote_tree.get(p).is_some_and(|r| r.kind == s.kind)
+            });
             let committable = if nothing_gone {
-                eligible
+                to_hash
                     .iter()
-                    .filter(|p| {
-                        folders_of(p).all(|d| {
-                            remote_tree.get(d).is_none_or(|e| e.kind == EntryKind::Dir)
-                                && synced.get(d).is_none_or(|e| e.kind == EntryKind::Dir)
-                        })
+                    .filter(|(p, size, _)| {
+                        *size <= chunker::SMALL_FILE
+                            && eligible.contains(p)
+                            && protocol::ancestors(p).all(|d| {
+                                remote_tree.get(d).is_none_or(|e| e.kind == EntryKind::Dir)
+                                    && synced.get(d).is_none_or(|e| e.kind == EntryKind::Dir)
+                            })
                     })
-                    .cloned()
+                    .map(|(p, _, _)| p.clone())
                     .collect()
             } else {
                 HashSet::new()
@@ -1090,7 +1093,7 @@ async fn hash_files(
             None => (EarlySent::default(), EarlyCommits::new()),
         }
     };
-    let (results, (early_sent, mut early_commits)) = futures::join!(hashing, sending);
+    let (results, (early_sent, early_commits)) = futures::join!(hashing, sending);
     progress.finish();
     let (blocks, bytes) = (early_sent.len() as u64, early_sent.values().sum::<u64>());
     if blocks > 0 {
@@ -1132,17 +1135,10 @@ async fn hash_files(
             }
         }
     }
-    // Only what the plan sees as hashed is taken from the early commits (see `Apply::upload`).
-    early_commits.retain(|path, _| out.contains_key(path));
     if !early_commits.is_empty() {
         tracing::debug!(files = early_commits.len(), "committed while hashing");
     }
     Ok((out, early_sent, early_commits))
-}
-
-/// The folders above `path` (`a/b/c`: `a`, `a/b`).
-fn folders_of(path: &str) -> impl Iterator<Item = &str> {
-    path.match_indices('/').map(move |(i, _)| &path[..i])
 }
 
 /// Sends the blocks of new files while the other files are still being hashed, so the network
@@ -1168,7 +1164,7 @@ struct EarlySend<'a> {
     scan: &'a Scan,
     /// Files the plan will upload whatever their content.
     eligible: HashSet<String>,
-    /// Files the plan will upload as new whatever else it finds.
+    /// Small files the plan will upload as new whatever else it finds.
     committable: HashSet<String>,
 }
 
@@ -1260,16 +1256,14 @@ impl EarlySend<'_> {
         let mut done = EarlyCommits::new();
         while let Some(files) = ready.next().await {
             for batch in files.chunks(COMMIT_BATCH) {
-                let commits: Vec<(String, LocalEntry, CommitRequest)> = batch
+                let (kept, reqs): (Vec<_>, Vec<_>) = batch
                     .iter()
                     .filter_map(|(path, d)| {
                         let l = self.scan.tree.get(path)?.clone();
                         let req = commit_request(self.remote_root, path, None, d, &l);
-                        Some((path.clone(), l, req))
+                        Some(((path.clone(), l), req))
                     })
-                    .collect();
-                let (kept, reqs): (Vec<_>, Vec<_>) =
-                    commits.into_iter().map(|(p, l, r)| ((p, l), r)).unzip();
+                    .unzip();
                 match self.remote.commit_batch(reqs).await {
                     Ok(outcomes) => {
                         for ((path, l), r) in kept.into_iter().zip(outcomes) {
