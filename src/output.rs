@@ -56,9 +56,12 @@ impl Printer {
     /// The `--json` document on stdout.
     pub fn json<T: Serialize>(&self, value: &T) {
         if self.json {
-            let mut out = std::io::stdout().lock();
+            // Buffered: stdout flushes at each newline, a write per line of the document
+            // (84,000 for a push of 20,000 files, ~0.1 s).
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
             let _ = serde_json::to_writer_pretty(&mut out, value);
             let _ = writeln!(out);
+            let _ = out.flush();
         }
     }
 

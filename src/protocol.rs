@@ -143,22 +143,69 @@ pub const MAX_COMMIT_BATCH: usize = 2000;
 /// Encodes several blocks in one binary body (see [`block_header`]).
 #[cfg(test)]
 pub fn encode_blocks<'a>(blocks: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (hash, bytes) in blocks {
-        out.extend_from_slice(&block_header(hash, bytes.len()));
-        out.extend_from_slice(bytes);
-    }
-    out
+    let blocks = blocks
+        .into_iter()
+        .map(|(hash, bytes)| (hash, bytes::Bytes::copy_from_slice(bytes)));
+    frame_blocks(blocks).concat()
 }
+
+/// The length of a [`block_header`].
+pub const BLOCK_HEADER_LEN: usize = 68;
 
 /// Several blocks travel in one binary body (`application/octet-stream`): for each, this
 /// header (its 64-character hex id, its length as a big-endian u32), then its bytes.
-pub fn block_header(hash: &str, len: usize) -> [u8; 68] {
-    let mut out = [0u8; 68];
+pub fn block_header(hash: &str, len: usize) -> [u8; BLOCK_HEADER_LEN] {
+    let mut out = [0u8; BLOCK_HEADER_LEN];
     let n = hash.len().min(64);
     out[..n].copy_from_slice(&hash.as_bytes()[..n]);
     out[64..].copy_from_slice(&(len as u32).to_be_bytes());
     out
+}
+
+/// Blocks at most this long go into a body's pieces copied, header and all; a longer one is a
+/// piece of its own, not copied (its header ends the piece before it).
+const COPIED_BLOCK: usize = 64 << 10;
+/// A body's pieces of headers and copied blocks are cut at about this length: each piece is
+/// handed to the socket on its own (a piece per header and per block cost the server ~2.7
+/// `writev` calls per fetched batch of 2 MiB, now ~1).
+const PIECE_BYTES: usize = 256 << 10;
+
+/// `blocks` in [`block_header`]'s framing, as the pieces of a streamed body: small blocks
+/// copied with their headers into pieces of about [`PIECE_BYTES`], big ones as they are.
+pub fn frame_blocks<H: AsRef<str>>(
+    blocks: impl IntoIterator<Item = (H, bytes::Bytes)>,
+) -> Vec<bytes::Bytes> {
+    let blocks: Vec<(H, bytes::Bytes)> = blocks.into_iter().collect();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while start < blocks.len() {
+        // Blocks `start..end` go into one piece, of exactly `len` bytes: copied, but for a
+        // long one, which ends the piece with its header and follows it as it is.
+        let (mut end, mut len, mut long) = (start, 0, None);
+        while end < blocks.len() && len < PIECE_BYTES {
+            let n = blocks[end].1.len();
+            end += 1;
+            len += BLOCK_HEADER_LEN;
+            if n > COPIED_BLOCK {
+                long = Some(end - 1);
+                break;
+            }
+            len += n;
+        }
+        let mut piece = Vec::with_capacity(len);
+        for (k, (hash, bytes)) in blocks[start..end].iter().enumerate() {
+            piece.extend_from_slice(&block_header(hash.as_ref(), bytes.len()));
+            if long != Some(start + k) {
+                piece.extend_from_slice(bytes);
+            }
+        }
+        pieces.push(bytes::Bytes::from(piece));
+        if let Some(k) = long {
+            pieces.push(blocks[k].1.clone());
+        }
+        start = end;
+    }
+    pieces
 }
 
 /// Decodes the framing of [`block_header`] as it arrives, piece by piece, each block into a buffer
@@ -186,10 +233,10 @@ impl BlockDecoder {
                 }
                 continue;
             }
-            let take = (68 - self.header.len()).min(piece.len());
+            let take = (BLOCK_HEADER_LEN - self.header.len()).min(piece.len());
             self.header.extend_from_slice(&piece[..take]);
             piece = &piece[take..];
-            if self.header.len() < 68 {
+            if self.header.len() < BLOCK_HEADER_LEN {
                 continue;
             }
             let hash = std::str::from_utf8(&self.header[..64])
@@ -747,6 +794,38 @@ mod tests {
                 .collect();
             assert_eq!(block_hashes(&refs), want, "{n} blocks");
         }
+    }
+
+    /// A body's pieces: small blocks copied many to a piece, long ones passed on as they are
+    /// (not copied), and the pieces decode to the blocks given, in order.
+    #[test]
+    fn framed_blocks_coalesce_small_ones_and_decode_back() {
+        let mut rng = crate::model_test::Rng::new(11);
+        let lens: Vec<usize> = [10usize, 0, COPIED_BLOCK, COPIED_BLOCK + 1, 5, 300_000, 3]
+            .into_iter()
+            .chain((0..400).map(|_| rng.below(16_000)))
+            .collect();
+        let blocks: Vec<(String, bytes::Bytes)> = lens
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| {
+                let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                (format!("{i:064x}"), bytes::Bytes::from(bytes))
+            })
+            .collect();
+        let pieces = frame_blocks(blocks.clone());
+        assert!(pieces.len() < 20, "{} pieces for 407 blocks", pieces.len());
+        for (_, long) in blocks.iter().filter(|(_, b)| b.len() > COPIED_BLOCK) {
+            assert!(
+                pieces.iter().any(|p| p.as_ptr() == long.as_ptr()),
+                "a long block is not copied"
+            );
+        }
+        let mut decoder = BlockDecoder::default();
+        for piece in &pieces {
+            decoder.feed(piece).unwrap();
+        }
+        assert_eq!(decoder.finish().unwrap(), blocks);
     }
 
     #[test]

@@ -268,11 +268,7 @@ impl Remote {
         &self,
         blocks: Vec<(String, Bytes)>,
     ) -> RemoteResult<p::PutBlocksResponse> {
-        let mut parts = Vec::with_capacity(blocks.len() * 2);
-        for (hash, bytes) in blocks {
-            parts.push(Bytes::copy_from_slice(&p::block_header(&hash, bytes.len())));
-            parts.push(bytes);
-        }
+        let parts = p::frame_blocks(blocks);
         let length: u64 = parts.iter().map(|b| b.len() as u64).sum();
         retrying(self.retries, "block upload", || {
             let body =

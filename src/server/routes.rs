@@ -562,15 +562,16 @@ async fn fetch_blocks<M: MetaStore, B: BlobStore>(
         let app = app.clone();
         async move {
             let read = app.blobs.read_many(group.clone()).await?;
-            let mut parts = Vec::with_capacity(2 * group.len());
-            for (h, bytes) in group.iter().zip(read) {
-                let bytes =
-                    bytes.ok_or_else(|| std::io::Error::other(format!("block {h} is missing")))?;
-                parts.push(Ok::<_, BlobError>(Bytes::copy_from_slice(
-                    &p::block_header(h, bytes.len()),
-                )));
-                parts.push(Ok(bytes));
-            }
+            let blocks = group
+                .iter()
+                .zip(read)
+                .map(|(h, bytes)| {
+                    let bytes = bytes
+                        .ok_or_else(|| std::io::Error::other(format!("block {h} is missing")))?;
+                    Ok::<_, BlobError>((h, bytes))
+                })
+                .collect::<Result<Vec<_>, BlobError>>()?;
+            let parts = p::frame_blocks(blocks).into_iter().map(Ok::<_, BlobError>);
             Ok::<_, BlobError>(futures::stream::iter(parts))
         }
     });
