@@ -345,8 +345,10 @@ impl FsBlobStore {
     }
 
     async fn commit_pack(&self, pack: NewPack) -> Result<(), BlobError> {
-        let rows = pack
-            .locs
+        // In key order, as the metadata store's rows keyed by block id.
+        let mut locs: Vec<&(String, Loc)> = pack.locs.iter().collect();
+        locs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let rows = locs
             .iter()
             .map(|(hash, loc)| {
                 vec![

@@ -841,6 +841,9 @@ impl SqliteStore {
                 .await?;
         }
         if !referenced.is_empty() {
+            // In key order (as in `record_blocks`).
+            let mut referenced: Vec<&str> = referenced.iter().copied().collect();
+            referenced.sort_unstable();
             let pairs = referenced
                 .iter()
                 .map(|h| vec![Param::Int(ns), Param::Text(h.to_string())])
@@ -852,7 +855,7 @@ impl SqliteStore {
                 pairs,
             )
             .await?;
-            let referenced = to_json(referenced)?;
+            let referenced = to_json(&referenced)?;
             // Garbage collection spares blocks referenced after it began.
             sqlx::query(
                 "UPDATE blocks SET last_ref = ? WHERE hash IN (SELECT value FROM json_each(?))",
@@ -1090,6 +1093,10 @@ impl MetaStore for SqliteStore {
             return Ok(());
         }
         let now = now_secs();
+        // In key order: rows keyed by block id land all over their indexes; in the order given
+        // (by length) consecutive rows seldom share a page, sorted each page is met once.
+        let mut blocks: Vec<&(String, u64)> = blocks.iter().collect();
+        blocks.sort_unstable();
         let mut tx = self.pool.begin().await?;
         let rows = blocks
             .iter()
