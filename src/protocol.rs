@@ -165,9 +165,9 @@ pub fn block_header(hash: &str, len: usize) -> [u8; BLOCK_HEADER_LEN] {
 /// Blocks at most this long go into a body's pieces copied, header and all; a longer one is a
 /// piece of its own, not copied (its header ends the piece before it).
 const COPIED_BLOCK: usize = 64 << 10;
-/// A body's pieces of headers and copied blocks are cut at about this length: each piece is
-/// handed to the socket on its own (a piece per header and per block cost the server ~2.7
-/// `writev` calls per fetched batch of 2 MiB, now ~1).
+/// A body's pieces of headers and copied blocks are cut at about this length. The pieces are
+/// what the HTTP layer queues and writes: with a piece per header and per block, the server's
+/// answers to a pull of 20,000 small files took 3,443 `writev` calls; in these pieces, 1,270.
 const PIECE_BYTES: usize = 256 << 10;
 
 /// `blocks` in [`block_header`]'s framing, as the pieces of a streamed body: small blocks
