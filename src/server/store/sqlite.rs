@@ -4,7 +4,7 @@
 //! takes SQLite's write lock at once and waits on `busy_timeout` instead of failing later with a
 //! stale snapshot. Readers see a consistent snapshot (WAL), so a listing and its cursor agree.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use sqlx::sqlite::SqliteRow;
@@ -661,7 +661,8 @@ impl SqliteStore {
         let mut out = Vec::with_capacity(reqs.len());
         let mut rows: Vec<NewRow> = Vec::new();
         let mut made: HashSet<&str> = HashSet::new();
-        let mut referenced: HashSet<&str> = HashSet::new();
+        // Ordered: its rows are written in key order (as in `record_blocks`).
+        let mut referenced: BTreeSet<&str> = BTreeSet::new();
         for (req, verdict) in reqs.iter().zip(verdicts) {
             if let Err(e) = verdict {
                 out.push(Err(e));
@@ -777,7 +778,7 @@ impl SqliteStore {
         actor: &Actor,
         rows: &[NewRow<'_>],
         head: i64,
-        referenced: &HashSet<&str>,
+        referenced: &BTreeSet<&str>,
     ) -> StoreResult<()> {
         let now = now_secs();
         if !rows.is_empty() {
@@ -841,9 +842,6 @@ impl SqliteStore {
                 .await?;
         }
         if !referenced.is_empty() {
-            // In key order (as in `record_blocks`).
-            let mut referenced: Vec<&str> = referenced.iter().copied().collect();
-            referenced.sort_unstable();
             let pairs = referenced
                 .iter()
                 .map(|h| vec![Param::Int(ns), Param::Text(h.to_string())])
@@ -855,7 +853,7 @@ impl SqliteStore {
                 pairs,
             )
             .await?;
-            let referenced = to_json(&referenced)?;
+            let referenced = to_json(referenced)?;
             // Garbage collection spares blocks referenced after it began.
             sqlx::query(
                 "UPDATE blocks SET last_ref = ? WHERE hash IN (SELECT value FROM json_each(?))",
