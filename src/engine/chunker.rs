@@ -535,15 +535,28 @@ pub fn read_block(path: &Path, block: &BlockRef) -> io::Result<Option<Vec<u8>>> 
 }
 
 /// Reads one block of a file back for upload; `Ok(None)` when the file changed since it was
-/// hashed. With `scanned` (the stat the file had when it was hashed), the check is that stat,
-/// taken before and after the read, instead of hashing the bytes again: the server re-hashes
-/// every block it receives and refuses a mismatch, so a change the stat cannot see (an
-/// in-place rewrite within one mtime tick) is refused there, never stored under a wrong id.
+/// hashed. See [`read_block_into`].
 pub fn read_block_as(
     path: &Path,
     block: &BlockRef,
     scanned: Option<&LocalEntry>,
 ) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    Ok(read_block_into(path, block, scanned, &mut buf)?.then_some(buf))
+}
+
+/// Appends one block of a file, read back for upload, to `out`; false (and `out` as it was)
+/// when the file changed since it was hashed. With `scanned` (the stat the file had when it
+/// was hashed), the check is that stat, taken before and after the read, instead of hashing
+/// the bytes again: the server re-hashes every block it receives and refuses a mismatch, so a
+/// change the stat cannot see (an in-place rewrite within one mtime tick) is refused there,
+/// never stored under a wrong id.
+pub fn read_block_into(
+    path: &Path,
+    block: &BlockRef,
+    scanned: Option<&LocalEntry>,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
     use std::io::Seek;
     let file = File::open(path)?;
     let unchanged = |file: &File| -> io::Result<bool> {
@@ -553,20 +566,24 @@ pub fn read_block_as(
         }))
     };
     if scanned.is_some() && !unchanged(&file)? {
-        return Ok(None);
+        return Ok(false);
     }
-    // Read into spare capacity: a zero-filled buffer cost a memset of every byte sent.
-    let mut buf = Vec::with_capacity(block.len as usize);
-    (&file).seek(io::SeekFrom::Start(block.offset))?;
-    (&file).take(u64::from(block.len)).read_to_end(&mut buf)?;
-    if buf.len() != block.len as usize {
-        return Ok(None);
+    // Read into spare capacity: zero-filling first cost a memset of every byte sent.
+    let start = out.len();
+    out.reserve(block.len as usize);
+    if block.offset != 0 {
+        (&file).seek(io::SeekFrom::Start(block.offset))?;
     }
-    let same = match scanned {
-        Some(_) => unchanged(&file)?,
-        None => protocol::block_hash(&buf) == block.hash,
-    };
-    Ok(same.then_some(buf))
+    (&file).take(u64::from(block.len)).read_to_end(out)?;
+    let same = out.len() - start == block.len as usize
+        && match scanned {
+            Some(_) => unchanged(&file)?,
+            None => protocol::block_hash(&out[start..]) == block.hash,
+        };
+    if !same {
+        out.truncate(start);
+    }
+    Ok(same)
 }
 
 #[cfg(test)]
@@ -845,5 +862,35 @@ mod tests {
         assert!(read_block_as(&path, first, Some(&scanned))
             .unwrap()
             .is_none());
+    }
+
+    /// Blocks read into a request's body follow what is there (each at any offset of its
+    /// file); a block of a changed file leaves the body as it was.
+    #[test]
+    fn read_block_into_appends_each_block_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = random_bytes(1_500_000, 5);
+        std::fs::write(&path, &data).unwrap();
+        let d = digest_file(&path, ChunkParams::DEFAULT, &KnownBlocks::new()).unwrap();
+        assert!(d.blocks.len() >= 2);
+        let scanned = LocalEntry::from_metadata(&std::fs::metadata(&path).unwrap());
+        let mut body = b"header".to_vec();
+        let mut expected = body.clone();
+        for b in d.blocks.iter().rev() {
+            assert!(read_block_into(&path, b, Some(&scanned), &mut body).unwrap());
+            let at = b.offset as usize;
+            expected.extend_from_slice(&data[at..at + b.len as usize]);
+        }
+        assert_eq!(body, expected);
+        // Without a stat to trust, the bytes are hashed: a changed block is refused too.
+        let mut changed = data.clone();
+        changed[d.blocks[1].offset as usize] ^= 1;
+        std::fs::write(&path, &changed).unwrap();
+        assert!(read_block_into(&path, &d.blocks[0], None, &mut body).unwrap());
+        assert!(!read_block_into(&path, &d.blocks[1], None, &mut body).unwrap());
+        let first = &d.blocks[0];
+        expected.extend_from_slice(&data[..first.len as usize]);
+        assert_eq!(body, expected);
     }
 }

@@ -262,13 +262,16 @@ impl Remote {
         .await
     }
 
-    /// Uploads several blocks in one request (see `protocol::block_header`), streamed from
-    /// the blocks' own buffers (never copied into one body).
+    /// Uploads several blocks in one request, framed by [`p::frame_blocks`].
     pub async fn put_blocks(
         &self,
         blocks: Vec<(String, Bytes)>,
     ) -> RemoteResult<p::PutBlocksResponse> {
-        let parts = p::frame_blocks(blocks);
+        self.put_framed(p::frame_blocks(blocks)).await
+    }
+
+    /// Blocks already framed (see [`p::block_header`]), as the pieces of the request's body.
+    pub async fn put_framed(&self, parts: Vec<Bytes>) -> RemoteResult<p::PutBlocksResponse> {
         let length: u64 = parts.iter().map(|b| b.len() as u64).sum();
         retrying(self.retries, "block upload", || {
             let body =
