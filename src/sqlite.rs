@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 /// One migration compiled into the binary: version, description, SQL.
 pub type EmbeddedMigration = (i64, &'static str, &'static str);
@@ -127,4 +127,49 @@ pub async fn insert_rows(
         q.execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// One database's writers, one transaction at a time, in the order they asked. SQLite lets
+/// one connection write at a time; another that tries meanwhile is put to sleep by its busy
+/// handler for 1, 2, 5, 10, 15, 20, 25… ms before it tries again, however soon the lock is
+/// free. On a server whose upload requests and commits all write, recording an upload of 16
+/// blocks took 50 ms on average during a dataset push, 36 ms waiting here instead: each
+/// writer starts as soon as the one before is done. Other processes (`dbx admin`) still meet
+/// the busy handler.
+#[derive(Clone, Debug, Default)]
+pub struct Writer(std::sync::Arc<tokio::sync::Mutex<()>>);
+
+impl Writer {
+    /// Waits for this database's turn to write, then begins a transaction on `pool`.
+    pub async fn begin(&self, pool: &SqlitePool) -> Result<WriteTx, sqlx::Error> {
+        let turn = self.0.clone().lock_owned().await;
+        let tx = pool.begin().await?;
+        Ok(WriteTx { tx, _turn: turn })
+    }
+}
+
+/// A write transaction holding its database's turn (see [`Writer`]) until it ends: committed,
+/// or rolled back when dropped.
+pub struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
 }

@@ -68,6 +68,9 @@ const MIGRATIONS: &[EmbeddedMigration] = &[(
 pub struct FsBlobStore {
     root: PathBuf,
     index: SqlitePool,
+    /// Every write transaction of the index takes its turn here (see
+    /// [`crate::sqlite::Writer`]).
+    writer: crate::sqlite::Writer,
 }
 
 /// Where a packed block's bytes lie.
@@ -167,6 +170,7 @@ impl FsBlobStore {
         let store = FsBlobStore {
             root: root.to_path_buf(),
             index,
+            writer: crate::sqlite::Writer::default(),
         };
         if !had_index {
             store.rebuild_index().await?;
@@ -369,7 +373,7 @@ impl FsBlobStore {
     /// Index rows (hash, pack, offset, len) in one transaction; `verb` says what becomes of
     /// a hash already indexed.
     async fn insert_index(&self, verb: &str, rows: Vec<Vec<Param>>) -> Result<(), BlobError> {
-        let mut tx = self.index.begin().await.map_err(index_err)?;
+        let mut tx = self.writer.begin(&self.index).await.map_err(index_err)?;
         let head = format!("{verb} INTO packed (hash, pack, offset, len)");
         insert_rows(&mut tx, &head, "", rows)
             .await
@@ -611,7 +615,7 @@ impl FsBlobStore {
         .await
         .map_err(join_err)?;
         let new = new?;
-        let mut tx = self.index.begin().await.map_err(index_err)?;
+        let mut tx = self.writer.begin(&self.index).await.map_err(index_err)?;
         for (hash, loc) in &new.locs {
             // Only rows still in the old pack: one replaced meanwhile keeps its new place.
             sqlx::query("UPDATE packed SET pack = ?, offset = ? WHERE hash = ? AND pack = ?")

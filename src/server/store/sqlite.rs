@@ -33,6 +33,8 @@ const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Every write transaction takes its turn here (see [`crate::sqlite::Writer`]).
+    writer: crate::sqlite::Writer,
 }
 
 fn join_blocks(blocks: &[String]) -> String {
@@ -240,7 +242,10 @@ impl SqliteStore {
     pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
         let pool =
             crate::sqlite::open(path, true, MIGRATIONS, 8, crate::sqlite::Durability::Full).await?;
-        let store = SqliteStore { pool };
+        let store = SqliteStore {
+            pool,
+            writer: crate::sqlite::Writer::default(),
+        };
         let epoch = protocol::block_hash(
             format!("{}-{:?}", now_secs(), std::time::SystemTime::now()).as_bytes(),
         );
@@ -873,7 +878,7 @@ impl SqliteStore {
         req: &CommitRequest,
         op: Option<JournalOp>,
     ) -> StoreResult<(i64, i64)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let c = Self::write_file_in(&mut tx, ns, actor, req, op).await?;
         tx.commit().await?;
         Ok((c.rev, c.cursor))
@@ -911,7 +916,7 @@ impl MetaStore for SqliteStore {
         password_hash: &str,
         quota_bytes: Option<i64>,
     ) -> StoreResult<User> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let ns: i64 = sqlx::query_scalar(
             "INSERT INTO namespaces (kind, created_at) VALUES ('user', ?) RETURNING id",
         )
@@ -974,7 +979,7 @@ impl MetaStore for SqliteStore {
     }
 
     async fn set_disabled(&self, name: &str, disabled: bool) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let id: Option<i64> =
             sqlx::query_scalar("UPDATE users SET disabled = ? WHERE name = ? RETURNING id")
                 .bind(disabled as i64)
@@ -1095,7 +1100,7 @@ impl MetaStore for SqliteStore {
         // (by length) consecutive rows seldom share a page, sorted each page is met once.
         let mut blocks: Vec<&(String, u64)> = blocks.iter().collect();
         blocks.sort_unstable();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let rows = blocks
             .iter()
             .map(|(hash, size)| {
@@ -1142,7 +1147,7 @@ impl MetaStore for SqliteStore {
     ) -> StoreResult<Vec<StoreResult<Committed>>> {
         // One transaction either way: the batch is durable (or refused for a database error)
         // as a whole.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let out = match Self::commit_fast_in(&mut tx, ns, actor, reqs).await? {
             Some(out) => out,
             None => Self::commit_each_in(&mut tx, ns, actor, reqs).await?,
@@ -1272,7 +1277,7 @@ impl MetaStore for SqliteStore {
         gc_started: i64,
         grace_cutoff: i64,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         // One write transaction: a commit that references the block either came first (and set
         // last_ref after the collection started, so the row stays) or comes after (and finds
         // no row, so it is refused and the client uploads the block again).
@@ -1333,7 +1338,7 @@ impl MetaStore for SqliteStore {
         if path.is_empty() {
             return Err(StoreError::Invalid("the root folder always exists".into()));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let head = Self::lock_ns(&mut tx, ns).await?;
         match Self::kind_at(&mut tx, ns, path).await? {
             Some((EntryKind::Dir, rev)) => return Ok((rev, head)),
@@ -1366,7 +1371,7 @@ impl MetaStore for SqliteStore {
                 "the root folder cannot be deleted".into(),
             ));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         let mut head = Self::lock_ns(&mut tx, ns).await?;
         let Some((kind, rev)) = Self::kind_at(&mut tx, ns, path).await? else {
             return Err(StoreError::NotFound(format!(
@@ -1437,7 +1442,7 @@ impl MetaStore for SqliteStore {
                 "cannot move /{from} to /{to}: that is the same path or inside it"
             )));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin(&self.pool).await?;
         Self::lock_ns(&mut tx, ns).await?;
         let Some((_, rev)) = Self::kind_at(&mut tx, ns, from).await? else {
             return Err(StoreError::NotFound(format!(
