@@ -28,6 +28,11 @@ const MIGRATIONS: &[crate::sqlite::EmbeddedMigration] = &[
         "history",
         include_str!("../../../migrations/sqlite/0002_history.sql"),
     ),
+    (
+        3,
+        "partial old path index",
+        include_str!("../../../migrations/sqlite/0003_partial_old_path.sql"),
+    ),
 ];
 
 #[derive(Clone)]
