@@ -129,7 +129,8 @@ pub async fn insert_rows(
     Ok(())
 }
 
-/// One database's writers, one transaction at a time, in the order they asked. SQLite lets
+/// One database's writers, one transaction (or lone statement) at a time, in the order they
+/// asked. SQLite lets
 /// one connection write at a time; another that tries meanwhile is put to sleep by its busy
 /// handler for 1, 2, 5, 10, 15, 20, 25… ms before it tries again, however soon the lock is
 /// free. On a server whose upload requests and commits all write, recording an upload of 16
@@ -145,6 +146,17 @@ impl Writer {
         let turn = self.0.clone().lock_owned().await;
         let tx = pool.begin().await?;
         Ok(WriteTx { tx, _turn: turn })
+    }
+
+    /// Runs one writing statement on `pool` in this database's turn (outside a transaction,
+    /// SQLite commits it on its own).
+    pub async fn execute<'q>(
+        &self,
+        pool: &SqlitePool,
+        query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> Result<sqlx::sqlite::SqliteQueryResult, sqlx::Error> {
+        let _turn = self.0.lock().await;
+        query.execute(pool).await
     }
 }
 

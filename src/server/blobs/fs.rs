@@ -498,10 +498,11 @@ impl FsBlobStore {
         match loc {
             Some(loc) => {
                 fs::write(q.join(hash), bytes)?;
-                sqlx::query("DELETE FROM packed WHERE hash = ? AND pack = ?")
+                let q = sqlx::query("DELETE FROM packed WHERE hash = ? AND pack = ?")
                     .bind(hash)
-                    .bind(loc.pack)
-                    .execute(&self.index)
+                    .bind(loc.pack);
+                self.writer
+                    .execute(&self.index, q)
                     .await
                     .map_err(index_err)?;
             }
@@ -654,9 +655,10 @@ impl BlobStore for FsBlobStore {
 
     async fn delete_many(&self, hashes: Vec<String>) -> Result<(), BlobError> {
         let json = serde_json::to_string(&hashes).map_err(io::Error::other)?;
-        sqlx::query("DELETE FROM packed WHERE hash IN (SELECT value FROM json_each(?))")
-            .bind(json)
-            .execute(&self.index)
+        let q = sqlx::query("DELETE FROM packed WHERE hash IN (SELECT value FROM json_each(?))")
+            .bind(json);
+        self.writer
+            .execute(&self.index, q)
             .await
             .map_err(index_err)?;
         let this = self.clone();

@@ -1,8 +1,9 @@
 //! The SQLite `MetaStore`: the embedded default. WAL with `synchronous=FULL`.
 //!
-//! Every write transaction starts with a write to its namespace's `head` (or another row), so it
-//! takes SQLite's write lock at once and waits on `busy_timeout` instead of failing later with a
-//! stale snapshot. Readers see a consistent snapshot (WAL), so a listing and its cursor agree.
+//! Every write takes this process's turn to write first (`sqlite::Writer`); a write transaction
+//! then starts with a write to its namespace's `head` (or another row), so it takes SQLite's
+//! write lock at once (waiting on `busy_timeout` for another process) instead of failing later
+//! with a stale snapshot. Readers see a consistent snapshot (WAL), so a listing and its cursor agree.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -272,11 +273,10 @@ impl SqliteStore {
     }
 
     pub async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()> {
-        sqlx::query("INSERT OR REPLACE INTO server_meta (key, value) VALUES (?, ?)")
+        let q = sqlx::query("INSERT OR REPLACE INTO server_meta (key, value) VALUES (?, ?)")
             .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+            .bind(value);
+        self.writer.execute(&self.pool, q).await?;
         Ok(())
     }
 
@@ -972,11 +972,10 @@ impl MetaStore for SqliteStore {
     }
 
     async fn set_password(&self, name: &str, password_hash: &str) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
+        let q = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
             .bind(password_hash)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+            .bind(name);
+        let done = self.writer.execute(&self.pool, q).await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("no user named {name:?}")));
         }
@@ -1010,15 +1009,14 @@ impl MetaStore for SqliteStore {
         token_hash: &str,
         device: Option<&str>,
     ) -> StoreResult<()> {
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO tokens (token_hash, user_id, device, created_at) VALUES (?, ?, ?, ?)",
         )
         .bind(token_hash)
         .bind(user_id)
         .bind(device)
-        .bind(now_secs())
-        .execute(&self.pool)
-        .await?;
+        .bind(now_secs());
+        self.writer.execute(&self.pool, q).await?;
         Ok(())
     }
 
