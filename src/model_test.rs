@@ -78,8 +78,7 @@ fn tree_of(root: &Path) -> BTreeMap<String, String> {
                 out.insert(rel, "dir".to_string());
                 stack.push(p);
             } else {
-                let d = chunker::digest_file(&p, ChunkParams::DEFAULT, &Default::default())
-                    .expect("digest");
+                let d = chunker::digest_file(&p, ChunkParams::DEFAULT, None).expect("digest");
                 let x = meta.permissions().mode() & 0o111 != 0;
                 out.insert(rel, format!("{} x={x}", d.content_hash));
             }

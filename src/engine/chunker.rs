@@ -29,11 +29,22 @@ pub struct BlockRef {
 }
 
 /// A block's BLAKE3 hash, cut to 128 bits: a second, ~15× cheaper name for the same bytes
-/// (collision-resistant too), kept in the client index beside the block id. When a big file
-/// changes, each of its chunks is fingerprinted first, and a chunk whose fingerprint and length
-/// match a block the file had before takes that block's SHA-256 id without computing it: a
-/// 1-byte edit in a 512 MiB file then costs chunking plus BLAKE3, not a SHA-256 of everything.
+/// (collision-resistant too) where SHA-256 is slow, kept in the client index beside the block
+/// id. When a big file changes, each of its chunks is fingerprinted first, and a chunk whose
+/// fingerprint and length match a block the file had before takes that block's SHA-256 id
+/// without computing it: a 1-byte edit in a 512 MiB file then costs chunking plus BLAKE3, not
+/// a SHA-256 of everything. Only where [`fingerprints_pay`].
 pub type Fingerprint = u128;
+
+/// Whether blocks are fingerprinted here: only on CPUs without SHA extensions. With them,
+/// SHA-256 (1.85 GB/s a core) runs about as fast as BLAKE3 does on these blocks (~2 GB/s), so
+/// a fingerprint costs what it could save, and it would be paid on every push and pull (a
+/// dataset push: 0.27 of 3.06 client CPU-seconds) to save work on edits only, which the two
+/// hashing threads do beside the cutting anyway: a 1-byte insert in the 512 MiB file took
+/// 1.04 s without fingerprints, 1.08 s with (medians of four, `bench/README.md`).
+pub fn fingerprints_pay() -> bool {
+    !protocol::sha_extensions()
+}
 
 /// Blocks a file had before, by (fingerprint, length): their SHA-256 ids.
 pub type KnownBlocks = std::collections::HashMap<(Fingerprint, u32), String>;
@@ -122,8 +133,9 @@ pub type BlockSink<'a> = &'a (dyn Fn(Vec<(String, Bytes)>) -> bool + Sync);
 /// A chunk to hash: its index in the file, offset and length.
 pub type Cut = (usize, u64, usize);
 
-/// Chunks and hashes all of `source`; chunks found in `known` (by fingerprint and length) take
-/// their id from it. Each hashed group's blocks go to `sink` too, if any. The groups' bytes are
+/// Chunks and hashes all of `source`; with `known`, every chunk is fingerprinted too, and those
+/// found in it (by fingerprint and length) take their id from it (`None`: no fingerprints, see
+/// [`fingerprints_pay`]). Each hashed group's blocks go to `sink` too, if any. The groups' bytes are
 /// read into `buffers` (shared with other digests running at once), or buffers of its own.
 ///
 /// The calling thread reads the source in order and cuts it; [`HASH_THREADS`] threads read
@@ -133,7 +145,7 @@ pub type Cut = (usize, u64, usize);
 pub fn digest_source<S: ReadAt + ?Sized>(
     source: &S,
     params: ChunkParams,
-    known: &KnownBlocks,
+    known: Option<&KnownBlocks>,
     sink: Option<BlockSink>,
     buffers: Option<&Arc<ReadBuffers>>,
 ) -> io::Result<Digest> {
@@ -144,7 +156,7 @@ pub fn digest_source<S: ReadAt + ?Sized>(
 fn digest_in_windows<S: ReadAt + ?Sized>(
     source: &S,
     params: ChunkParams,
-    known: &KnownBlocks,
+    known: Option<&KnownBlocks>,
     sink: Option<BlockSink>,
     buffers: Option<&Arc<ReadBuffers>>,
     window_size: u64,
@@ -162,6 +174,9 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
         Some(b) => b.clone(),
         None => ReadBuffers::new(params.max, sink.is_some()),
     };
+    let fingerprinted = known.is_some();
+    // Only a file that had blocks before is looked up as it is cut.
+    let known = known.filter(|k| !k.is_empty());
     let cut = std::thread::scope(|s| -> io::Result<Vec<(usize, BlockRef)>> {
         // Owned here, so an early return drops it and the hashers stop: no deadlock on error.
         let group_tx = group_tx;
@@ -173,7 +188,7 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
                 let Ok(Ok(group)) = next else {
                     return;
                 };
-                let hashed = hash_group(source, &group, buffers).map(|hashed| {
+                let hashed = hash_group(source, &group, buffers, fingerprinted).map(|hashed| {
                     if let Some(sink) = sink.filter(|_| sinking.load(Ordering::Relaxed)) {
                         let blocks = hashed.iter().map(|(_, b, d)| (b.hash.clone(), d.clone()));
                         if !sink(blocks.collect()) {
@@ -224,7 +239,7 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
                     break;
                 }
                 let offset = start + c.offset as u64;
-                if !known.is_empty() {
+                if let Some(known) = known {
                     let fp = fingerprint(&buf[c.offset..end]);
                     if let Some(hash) = known.get(&(fp, c.length as u32)) {
                         let block = BlockRef {
@@ -293,28 +308,31 @@ fn like_lengths(window: &mut Vec<Cut>, cap: usize) -> Vec<Vec<Cut>> {
 }
 
 /// Names blocks of `source` whose place is known, `(index, offset, len)`, as the hashing of a
-/// digest does (groups of like lengths read back, fingerprinted, hashed in lockstep), on the
-/// calling thread: for bytes written before they were verified (see `sync::download_one`).
+/// digest does (groups of like lengths read back, fingerprinted if `fingerprint`, hashed in
+/// lockstep), on the calling thread: for bytes written before they were verified (see
+/// `sync::download_one`).
 pub fn hash_cuts<S: ReadAt + ?Sized>(
     source: &S,
     mut cuts: Vec<Cut>,
     buffers: &Arc<ReadBuffers>,
+    fingerprint: bool,
 ) -> io::Result<Vec<(usize, BlockRef)>> {
     let mut named = Vec::with_capacity(cuts.len());
     for group in like_lengths(&mut cuts, buffers.size) {
-        let hashed = hash_group(source, &group, buffers)?;
+        let hashed = hash_group(source, &group, buffers, fingerprint)?;
         named.extend(hashed.into_iter().map(|(i, b, _)| (i, b)));
     }
     Ok(named)
 }
 
-/// Reads a group's chunks into one buffer and names them: fingerprinted and hashed together
-/// (chunks known from before were named as they were cut). Returns each block with its index
-/// and a view of its bytes.
+/// Reads a group's chunks into one buffer and names them: hashed together, and fingerprinted
+/// if `fingerprinted` (chunks known from before were named as they were cut). Returns each
+/// block with its index and a view of its bytes.
 fn hash_group<S: ReadAt + ?Sized>(
     source: &S,
     group: &[Cut],
     buffers: &Arc<ReadBuffers>,
+    fingerprinted: bool,
 ) -> io::Result<Vec<(usize, BlockRef, Bytes)>> {
     let mut buf = buffers.take();
     // Grown (and zeroed) only the first time a buffer holds this much: then read over.
@@ -345,7 +363,10 @@ fn hash_group<S: ReadAt + ?Sized>(
             buf.slice(at - len..at)
         })
         .collect();
-    let fps: Vec<Fingerprint> = data.iter().map(|d| fingerprint(d)).collect();
+    let fps: Vec<Option<Fingerprint>> = data
+        .iter()
+        .map(|d| fingerprinted.then(|| fingerprint(d)))
+        .collect();
     let slices: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
     let ids = protocol::block_hashes(&slices);
     Ok(group
@@ -358,7 +379,7 @@ fn hash_group<S: ReadAt + ?Sized>(
                 hash,
                 offset,
                 len: len as u32,
-                fp: Some(fp),
+                fp,
             };
             (i, block, data)
         })
@@ -470,8 +491,13 @@ pub fn open_to_digest(path: &Path) -> io::Result<Opened> {
     Ok(Opened::Small(data))
 }
 
-/// Chunks and hashes a file, streaming it (small files: in one read, without fingerprints).
-pub fn digest_file(path: &Path, params: ChunkParams, known: &KnownBlocks) -> io::Result<Digest> {
+/// Chunks and hashes a file, streaming it (small files: in one read, without fingerprints;
+/// big ones with them if `known`, see [`digest_source`]).
+pub fn digest_file(
+    path: &Path,
+    params: ChunkParams,
+    known: Option<&KnownBlocks>,
+) -> io::Result<Digest> {
     match open_to_digest(path)? {
         Opened::Small(data) => Ok(digest_bytes(&data, params)),
         Opened::Large(file) => digest_source(&file, params, known, None, None),
@@ -596,7 +622,7 @@ mod tests {
     }
 
     fn digest_knowing(data: &[u8], known: &KnownBlocks) -> Digest {
-        digest_source(data, ChunkParams::DEFAULT, known, None, None).unwrap()
+        digest_source(data, ChunkParams::DEFAULT, Some(known), None, None).unwrap()
     }
 
     /// Deterministic pseudo-random bytes (xorshift), so the test needs no RNG crate.
@@ -673,7 +699,7 @@ mod tests {
             let mut windowed = digest_in_windows(
                 &data[..],
                 ChunkParams::DEFAULT,
-                &KnownBlocks::new(),
+                Some(&KnownBlocks::new()),
                 None,
                 None,
                 3 << 20,
@@ -697,7 +723,14 @@ mod tests {
             true
         };
         let params = ChunkParams::DEFAULT;
-        let d = digest_source(&data[..], params, &KnownBlocks::new(), Some(&keep), None).unwrap();
+        let d = digest_source(
+            &data[..],
+            params,
+            Some(&KnownBlocks::new()),
+            Some(&keep),
+            None,
+        )
+        .unwrap();
         let got: std::collections::HashMap<String, Vec<u8>> =
             got.into_inner().unwrap().into_iter().collect();
         assert!(d.blocks.len() > 2 * GROUP_CHUNKS, "several batches");
@@ -713,8 +746,14 @@ mod tests {
             calls.fetch_add(1, Ordering::Relaxed);
             false
         };
-        let again =
-            digest_source(&data[..], params, &KnownBlocks::new(), Some(&refuse), None).unwrap();
+        let again = digest_source(
+            &data[..],
+            params,
+            Some(&KnownBlocks::new()),
+            Some(&refuse),
+            None,
+        )
+        .unwrap();
         assert_eq!(again, d);
         assert!((1..=HASH_THREADS).contains(&calls.load(Ordering::Relaxed)));
     }
@@ -731,7 +770,13 @@ mod tests {
                 .map(|f| {
                     let buffers = &buffers;
                     s.spawn(move || {
-                        digest_source(&f[..], params, &KnownBlocks::new(), None, Some(buffers))
+                        digest_source(
+                            &f[..],
+                            params,
+                            Some(&KnownBlocks::new()),
+                            None,
+                            Some(buffers),
+                        )
                     })
                 })
                 .collect();
@@ -778,7 +823,8 @@ mod tests {
             read: Default::default(),
         };
         let params = ChunkParams::DEFAULT;
-        let err = digest_source(&source, params, &KnownBlocks::new(), None, None).unwrap_err();
+        let err =
+            digest_source(&source, params, Some(&KnownBlocks::new()), None, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
@@ -787,6 +833,24 @@ mod tests {
             .iter()
             .map(|b| ((b.fp.unwrap(), b.len), b.hash.clone()))
             .collect()
+    }
+
+    /// Without known blocks (where fingerprints do not pay) a digest has the same blocks and
+    /// ids, and no fingerprint; with them every block has its own, the BLAKE3 of its bytes.
+    #[test]
+    fn fingerprints_only_when_known_blocks_are_given() {
+        let data = random_bytes(12 << 20, 5);
+        let with = digest(&data);
+        let without = digest_source(&data[..], ChunkParams::DEFAULT, None, None, None).unwrap();
+        assert!(with.blocks.len() > 2);
+        assert!(without.blocks.iter().all(|b| b.fp.is_none()));
+        for (w, o) in with.blocks.iter().zip(&without.blocks) {
+            let bytes = &data[w.offset as usize..(w.offset + u64::from(w.len)) as usize];
+            assert_eq!(w.fp, Some(fingerprint(bytes)));
+            assert_eq!((&w.hash, w.offset, w.len), (&o.hash, o.offset, o.len));
+        }
+        assert_eq!(with.blocks.len(), without.blocks.len());
+        assert_eq!(with.content_hash, without.content_hash);
     }
 
     #[test]
@@ -835,7 +899,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, random_bytes(600_000, 3)).unwrap();
-        let d = digest_file(&path, ChunkParams::DEFAULT, &KnownBlocks::new()).unwrap();
+        let d = digest_file(&path, ChunkParams::DEFAULT, Some(&KnownBlocks::new())).unwrap();
         let first = &d.blocks[0];
         assert!(read_block(&path, first).unwrap().is_some());
         std::fs::write(&path, random_bytes(600_000, 4)).unwrap();
@@ -847,7 +911,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, random_bytes(600_000, 3)).unwrap();
-        let d = digest_file(&path, ChunkParams::DEFAULT, &KnownBlocks::new()).unwrap();
+        let d = digest_file(&path, ChunkParams::DEFAULT, Some(&KnownBlocks::new())).unwrap();
         let scanned = LocalEntry::from_metadata(&std::fs::metadata(&path).unwrap());
         let first = &d.blocks[0];
         let bytes = read_block_as(&path, first, Some(&scanned))
@@ -872,7 +936,7 @@ mod tests {
         let path = dir.path().join("f");
         let data = random_bytes(1_500_000, 5);
         std::fs::write(&path, &data).unwrap();
-        let d = digest_file(&path, ChunkParams::DEFAULT, &KnownBlocks::new()).unwrap();
+        let d = digest_file(&path, ChunkParams::DEFAULT, Some(&KnownBlocks::new())).unwrap();
         assert!(d.blocks.len() >= 2);
         let scanned = LocalEntry::from_metadata(&std::fs::metadata(&path).unwrap());
         let mut body = b"header".to_vec();

@@ -488,7 +488,7 @@ pub async fn run(
     let mut renamed: HashMap<String, String> = HashMap::new();
     // Hash what the index cannot vouch for. A pull needs hashes only where they decide
     // something: paths the server or the index knows.
-    let to_hash: Vec<(String, u64, KnownBlocks)> = scan
+    let to_hash: Vec<(String, u64, Option<KnownBlocks>)> = scan
         .tree
         .iter()
         .filter(|(p, l)| {
@@ -991,7 +991,7 @@ async fn settled_run(
 
 async fn hash_files(
     root: &Path,
-    files: Vec<(String, u64, KnownBlocks)>,
+    files: Vec<(String, u64, Option<KnownBlocks>)>,
     params: ChunkParams,
     progress: &Arc<dyn Progress>,
     report: &mut Report,
@@ -1194,8 +1194,9 @@ fn commit_request(
     }
 }
 
-/// Files hashed together: one big file, or many small ones (with the blocks each had before).
-type HashJob = Vec<(String, KnownBlocks)>;
+/// Files hashed together: one big file, or many small ones (with the blocks each had before,
+/// where fingerprints are kept: see [`known_blocks`]).
+type HashJob = Vec<(String, Option<KnownBlocks>)>;
 
 /// Where the hashing of a big file hands its blocks, bytes and all (see `EarlySend::stream`).
 type HashedBlocks = tokio::sync::mpsc::Sender<Vec<(String, bytes::Bytes)>>;
@@ -1412,7 +1413,7 @@ fn digest_files(
             Ok(chunker::Opened::Small(data)) => read.push((path, data)),
             // Big (or grown since the scan): streamed on its own.
             Ok(chunker::Opened::Large(file)) => {
-                let d = chunker::digest_source(&file, params, &known, sink, Some(buffers));
+                let d = chunker::digest_source(&file, params, known.as_ref(), sink, Some(buffers));
                 out.push((path, d));
             }
             Err(e) => out.push((path, Err(e))),
@@ -1623,19 +1624,26 @@ fn fps_of(d: &Digest) -> Vec<Fingerprint> {
         .unwrap_or_default()
 }
 
-/// The blocks a synced file had, by fingerprint and length, for re-hashing it after an edit.
-fn known_blocks(s: Option<&SyncedEntry>) -> KnownBlocks {
+/// The blocks a synced file had, by fingerprint and length, for re-hashing it after an edit
+/// (none for a new file, or one recorded without fingerprints); `None` where fingerprints are
+/// not kept (see [`chunker::fingerprints_pay`]): its blocks are then hashed, not fingerprinted.
+fn known_blocks(s: Option<&SyncedEntry>) -> Option<KnownBlocks> {
+    if !chunker::fingerprints_pay() {
+        return None;
+    }
     let Some(s) =
         s.filter(|s| s.block_fps.len() == s.blocks.len() && s.block_lens.len() == s.blocks.len())
     else {
-        return KnownBlocks::new();
+        return Some(KnownBlocks::new());
     };
-    s.block_fps
+    let known = s
+        .block_fps
         .iter()
         .zip(&s.block_lens)
         .zip(&s.blocks)
         .map(|((fp, len), hash)| ((*fp, *len), hash.clone()))
-        .collect()
+        .collect();
+    Some(known)
 }
 
 impl Apply<'_> {
@@ -1948,10 +1956,10 @@ impl Apply<'_> {
     /// while hashing (see [`EarlySend`]) are taken as uploaded, their outcomes as the commits'.
     async fn upload(&mut self, files: Vec<(String, Option<i64>)>) -> Result<(), EngineError> {
         // Files planned without a digest (renamed ones whose hash came from the index).
-        let undigested: Vec<(String, u64, KnownBlocks)> = files
+        let undigested: Vec<(String, u64, Option<KnownBlocks>)> = files
             .iter()
             .filter(|(p, _)| !self.digests.contains_key(p))
-            .map(|(p, _)| (p.clone(), 0, KnownBlocks::new()))
+            .map(|(p, _)| (p.clone(), 0, known_blocks(None)))
             .collect();
         if !undigested.is_empty() {
             let (more, _, _) = hash_files(
@@ -2434,7 +2442,8 @@ struct Downloaded {
     bytes_fetched: u64,
     bytes_reused: u64,
     block_lens: Vec<u32>,
-    /// Fingerprints of all the blocks, or empty (small files are not fingerprinted).
+    /// Fingerprints of all the blocks, or empty (small files are not fingerprinted, nor any
+    /// file where fingerprints do not pay: see [`chunker::fingerprints_pay`]).
     block_fps: Vec<Fingerprint>,
 }
 
@@ -2644,8 +2653,9 @@ impl BlockSource<'_> {
     }
 
     /// Verifies fetched blocks against `hashes` (those read from local files were verified
-    /// as they were read) and fingerprints them all, on a blocking thread. A block that is not
-    /// what its id says (damaged on the way) is fetched again alone, verified at the source.
+    /// as they were read) and fingerprints them all where that pays, on a blocking thread. A
+    /// block that is not what its id says (damaged on the way) is fetched again alone,
+    /// verified at the source.
     async fn verified(
         &self,
         hashes: &[String],
@@ -2661,7 +2671,7 @@ impl BlockSource<'_> {
                     if !reused && protocol::block_hash(&bytes) != wanted[k] {
                         bad.push(k);
                     }
-                    let fp = Some(chunker::fingerprint(&bytes));
+                    let fp = chunker::fingerprints_pay().then(|| chunker::fingerprint(&bytes));
                     Fetched {
                         bytes,
                         reused,
@@ -2676,7 +2686,7 @@ impl BlockSource<'_> {
         for k in bad {
             let bytes = self.fetch_again(&hashes[k]).await?;
             let block = &mut blocks[k];
-            block.fp = Some(chunker::fingerprint(&bytes));
+            block.fp = chunker::fingerprints_pay().then(|| chunker::fingerprint(&bytes));
             block.again = bytes.len() as u64;
             block.bytes = bytes;
         }
@@ -2739,7 +2749,9 @@ fn verify(
     window: Vec<chunker::Cut>,
 ) -> Verifying {
     let (reader, buffers) = (reader.clone(), buffers.clone());
-    tokio::task::spawn_blocking(move || chunker::hash_cuts(&*reader, window, &buffers))
+    tokio::task::spawn_blocking(move || {
+        chunker::hash_cuts(&*reader, window, &buffers, chunker::fingerprints_pay())
+    })
 }
 
 /// Waits for a window's verification and takes its fingerprints. A block that is not what its
@@ -2774,7 +2786,7 @@ async fn checked(
         }
         file.write_all_at(&bytes, block.offset)
             .map_err(io_at(part))?;
-        fps[i] = Some(chunker::fingerprint(&bytes));
+        fps[i] = chunker::fingerprints_pay().then(|| chunker::fingerprint(&bytes));
         again += bytes.len() as u64;
     }
     Ok(again)
@@ -2801,15 +2813,17 @@ async fn download_one(
     // chunks (the cut-short last one hashes differently and is fetched again).
     let already: HashMap<u64, (String, u32, Option<Fingerprint>)> = if part.exists() {
         let p = part.clone();
-        blocking(move || chunker::digest_file(&p, ChunkParams::DEFAULT, &KnownBlocks::new()))
-            .await
-            .map(|d| {
-                d.blocks
-                    .into_iter()
-                    .map(|b| (b.offset, (b.hash, b.len, b.fp)))
-                    .collect()
-            })
-            .unwrap_or_default()
+        blocking(move || {
+            chunker::digest_file(&p, ChunkParams::DEFAULT, known_blocks(None).as_ref())
+        })
+        .await
+        .map(|d| {
+            d.blocks
+                .into_iter()
+                .map(|b| (b.offset, (b.hash, b.len, b.fp)))
+                .collect()
+        })
+        .unwrap_or_default()
     } else {
         HashMap::new()
     };
@@ -2827,8 +2841,8 @@ async fn download_one(
         block_lens: Vec::with_capacity(entry.blocks.len()),
         block_fps: Vec::new(),
     };
-    // Fingerprinted as they are verified (BLAKE3 is cheap), so a later edit of the file
-    // re-hashes only what changed.
+    // Fingerprinted as they are verified where SHA-256 is slow (see
+    // `chunker::fingerprints_pay`), so a later edit of the file re-hashes only what changed.
     let mut fps: Vec<Option<Fingerprint>> = vec![None; entry.blocks.len()];
     // Blocks already in the partial file at the right offset are skipped (their offsets
     // follow from the lengths of the blocks before them, which are re-verified as they pass).

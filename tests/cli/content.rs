@@ -273,13 +273,22 @@ fn a_pull_killed_midway_converges_on_rerun() {
     );
 }
 
-/// Edits of big files re-hash only changed chunks (ids of the others come from the index, by
-/// fingerprint). Whatever the path the fingerprints took into the index (a push, or a
-/// download), the edited file must arrive byte for byte, sending only the changed chunks.
+/// Edits of big files send only changed chunks. Without SHA extensions the others are not
+/// even re-hashed (their ids come from the index, by fingerprint); with them every chunk is
+/// hashed and no fingerprint kept. Either way, and whatever the path the fingerprints took
+/// into the index (a push, or a download), the edited file must arrive byte for byte.
 #[test]
 fn edits_of_big_files_round_trip_on_every_path() {
+    for sha_extensions in [false, true] {
+        edits_of_big_files_round_trip(sha_extensions);
+    }
+}
+
+fn edits_of_big_files_round_trip(sha_extensions: bool) {
     let server = Server::start();
-    let (a, b) = two_devices(&server);
+    let (mut a, mut b) = two_devices(&server);
+    a.sha_extensions = Some(sha_extensions);
+    b.sha_extensions = Some(sha_extensions);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut rng = Rng::new(77);
     let mut data = rng.bytes(24 << 20);
@@ -309,15 +318,22 @@ fn edits_of_big_files_round_trip_on_every_path() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         write_file(&dir.join("video.bin"), &data);
         let pushed = dev.json(dir, &["push"]);
-        assert_eq!(pushed["files_uploaded"], 1, "edit {i}");
+        assert_eq!(
+            pushed["files_uploaded"], 1,
+            "edit {i}, SHA extensions {sha_extensions}"
+        );
         let sent = pushed["block_bytes_sent"].as_u64().unwrap();
         assert!(
             sent > 0 && sent <= 2 * (2 << 20),
-            "edit {i}: {sent} bytes sent"
+            "edit {i}, SHA extensions {sha_extensions}: {sent} bytes sent"
         );
         other.ok(odir, &["pull"]);
         let got = std::fs::read(odir.join("video.bin")).unwrap();
-        assert_eq!(sha_hex(&got), sha_hex(&data), "edit {i}");
+        assert_eq!(
+            sha_hex(&got),
+            sha_hex(&data),
+            "edit {i}, SHA extensions {sha_extensions}"
+        );
     }
     let listing = a.json(da.path(), &["ls"]);
     assert_eq!(listing["entries"][0]["size"], data.len());
