@@ -157,7 +157,8 @@ pub fn digest_source<S: ReadAt + ?Sized>(
         Some(b) => b.clone(),
         None => ReadBuffers::new(params.max, sink.is_some()),
     };
-    if known.is_none() && protocol::sha_extensions() {
+    // A buffer must hold the longest chunk, or the cutting would never finish one.
+    if known.is_none() && protocol::sha_extensions() && buffers.size >= params.max as usize {
         digest_in_order(source, params, sink, &buffers)
     } else {
         digest_in_windows(source, params, known, sink, &buffers, WINDOW_BYTES)
@@ -244,6 +245,10 @@ fn digest_in_order<S: ReadAt + ?Sized>(
     sink: Option<BlockSink>,
     buffers: &Arc<ReadBuffers>,
 ) -> io::Result<Digest> {
+    debug_assert!(
+        buffers.size >= params.max as usize,
+        "a buffer holds any chunk"
+    );
     let name = |(buf, group): (Bytes, Vec<Cut>)| -> io::Result<Named> {
         let start = group.first().map_or(0, |c| c.1);
         let data: Vec<Bytes> = group
