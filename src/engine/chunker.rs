@@ -5,10 +5,9 @@
 //! a time; without, many blocks are hashed in lockstep (SHA-256 is the slower of the two), so
 //! the file is cut a window at a time, and the window's chunks are sorted by length and read
 //! back in groups of like lengths. Only a bounded number of buffers (and a window's cuts) are
-//! in memory, whatever the file's size. Block ids
-//! are SHA-256 of the chunk bytes; the file's content hash is derived from the ordered block
-//! ids (`protocol::content_hash`). These functions are CPU-bound and blocking: callers run
-//! them off the async reactor.
+//! in memory, whatever the file's size. Block ids are SHA-256 of the chunk bytes; the file's
+//! content hash is derived from the ordered block ids (`protocol::content_hash`). These
+//! functions are CPU-bound and blocking: callers run them off the async reactor.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -282,19 +281,14 @@ fn digest_in_order<S: ReadAt + ?Sized>(
             };
             let eof = filled + read < room;
             filled += read;
-            let mut group = Vec::new();
-            let mut taken = filled;
-            for c in
-                fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max)
-            {
-                let end = c.offset + c.length;
-                if !eof && end == filled && c.length < params.max as usize {
-                    taken = c.offset;
-                    break;
-                }
-                group.push((index, start + c.offset as u64, c.length));
-                index += 1;
-            }
+            let (chunks, taken) = whole_chunks(&buf[..filled], eof, params);
+            let group: Vec<Cut> = chunks
+                .into_iter()
+                .map(|(at, len)| {
+                    index += 1;
+                    (index - 1, start + at as u64, len)
+                })
+                .collect();
             carried.clear();
             carried.extend_from_slice(&buf[taken..filled]);
             start += taken as u64;
@@ -328,11 +322,8 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
     let name = |group: Vec<Cut>| hash_group(source, &group, buffers, fingerprinted);
     digest_threads(sink, &name, |send| {
         // Cut in order, keeping only where the chunks lie; a window's worth at a time goes to
-        // the hashers in groups of like lengths. A chunk that runs to the end of the buffer
-        // may go on in the next read: it is carried over (moved to the front, < `params.max`)
-        // unless it is the source's last or a full-size one. A cut found before the buffer's
-        // end is the one a cut of the whole source finds there: the algorithm reads no byte
-        // past a cut it finds.
+        // the hashers in groups of like lengths. What follows the last whole chunk of a read
+        // is moved to the front, to go on with the next read (see `whole_chunks`).
         // Zeroed once (by the kernel: fresh pages), then read over.
         let mut buf = vec![0u8; CUT_READ_BYTES + params.max as usize];
         let mut filled = 0;
@@ -350,23 +341,16 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
             next += read as u64;
             filled += read;
             eof = read < CUT_READ_BYTES;
-            let mut taken = filled;
-            let cuts =
-                fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max);
-            for c in cuts {
-                let end = c.offset + c.length;
-                if !eof && end == filled && c.length < params.max as usize {
-                    taken = c.offset;
-                    break;
-                }
-                let offset = start + c.offset as u64;
+            let (chunks, taken) = whole_chunks(&buf[..filled], eof, params);
+            for (at, len) in chunks {
+                let offset = start + at as u64;
                 if let Some(known) = known {
-                    let fp = fingerprint(&buf[c.offset..end]);
-                    if let Some(hash) = known.get(&(fp, c.length as u32)) {
+                    let fp = fingerprint(&buf[at..at + len]);
+                    if let Some(hash) = known.get(&(fp, len as u32)) {
                         let block = BlockRef {
                             hash: hash.clone(),
                             offset,
-                            len: c.length as u32,
+                            len: len as u32,
                             fp: Some(fp),
                         };
                         resolved.push((index, block));
@@ -374,9 +358,9 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
                         continue;
                     }
                 }
-                window.push((index, offset, c.length));
+                window.push((index, offset, len));
                 index += 1;
-                window_bytes += c.length as u64;
+                window_bytes += len as u64;
             }
             buf.copy_within(taken..filled, 0);
             filled -= taken;
@@ -392,6 +376,23 @@ fn digest_in_windows<S: ReadAt + ?Sized>(
         }
         Ok(resolved)
     })
+}
+
+/// The chunks of `buf`, a stretch of the source read in order (to its end if `eof`), that a cut
+/// of the whole source makes there, as (offset in `buf`, length), and how many bytes of `buf`
+/// they take. A chunk that runs to the end of `buf` may go on in the next read: it is left
+/// (to be carried over, < `params.max`) unless it is the source's last or a full-size one. A
+/// cut found before the end is the one a cut of the whole source finds there: the algorithm
+/// reads no byte past a cut it finds.
+fn whole_chunks(buf: &[u8], eof: bool, params: ChunkParams) -> (Vec<(usize, usize)>, usize) {
+    let mut chunks = Vec::new();
+    for c in fastcdc::v2020::FastCDC::new(buf, params.min, params.avg, params.max) {
+        if !eof && c.offset + c.length == buf.len() && c.length < params.max as usize {
+            return (chunks, c.offset);
+        }
+        chunks.push((c.offset, c.length));
+    }
+    (chunks, buf.len())
 }
 
 /// A window's cuts (emptied) as groups of like lengths: sorted by length, then taken in order

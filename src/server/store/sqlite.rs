@@ -3,7 +3,8 @@
 //! Every write takes this process's turn to write first (`sqlite::Writer`); a write transaction
 //! then starts with a write to its namespace's `head` (or another row), so it takes SQLite's
 //! write lock at once (waiting on `busy_timeout` for another process) instead of failing later
-//! with a stale snapshot. Readers see a consistent snapshot (WAL), so a listing and its cursor agree.
+//! with a stale snapshot. Readers see a consistent snapshot (WAL), so a listing and its cursor
+//! agree.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
