@@ -23,6 +23,9 @@ Environment:
   DBX_SHA_EXTENSIONS
                 `0` or `1`: hash and verify as on a CPU without or with SHA-NI (default:
                 detected; the same results, only the speed differs)
+  DBX_DIRECT_IO `0`: no direct I/O (O_DIRECT) for pulled big files and the server's block
+                files, all through the page cache (default: direct where the filesystem
+                allows it)
   NO_COLOR      disables colours";
 
 #[derive(Debug, Parser)]

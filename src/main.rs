@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod direct;
 mod engine;
 mod output;
 mod protocol;

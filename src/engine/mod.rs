@@ -4,7 +4,6 @@
 
 pub mod chunker;
 pub mod config;
-pub mod direct;
 pub mod index;
 pub mod lock;
 pub mod planner;

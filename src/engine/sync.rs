@@ -28,7 +28,8 @@ use super::index::{Index, IndexOp, RemoteOp, SyncedEntry, SyncedTree};
 use super::planner::{self, Action, Direction, LocalState, LocalStates, RemoteTree};
 use super::remote::{Remote, RemoteError};
 use super::scanner::{self, LocalEntry, Scan, PART_PREFIX, TEMP_PREFIX};
-use super::{direct, EngineError, Progress};
+use super::{EngineError, Progress};
+use crate::direct;
 use crate::protocol::{self, ChunkParams, CommitRequest, EntryKind};
 
 /// Hashing tasks at once (CPU-bound; this machine class has 2 cores).
@@ -2869,7 +2870,8 @@ async fn download_one(
     // run's partial file is re-verified by the next one.
     let in_memory = protocol::sha_extensions();
     let mut writer =
-        direct::SequentialWriter::new(file, &part, offset, in_memory).map_err(io_at(&part))?;
+        direct::SequentialWriter::new(file, &part, offset, in_memory && direct::allowed())
+            .map_err(io_at(&part))?;
     let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch(entry)))
         .map(|hashes| async move {
             let blocks = source.fetch(hashes).await?;

@@ -38,6 +38,7 @@ use bytes::Bytes;
 use sqlx::SqlitePool;
 
 use super::{BlobError, BlobStore, BlockHealth, CompactReport};
+use crate::direct;
 use crate::protocol;
 use crate::sqlite::{insert_rows, Durability, EmbeddedMigration, Param};
 
@@ -71,6 +72,10 @@ pub struct FsBlobStore {
     /// Every write transaction of the index takes its turn here (see
     /// [`crate::sqlite::Writer`]).
     writer: crate::sqlite::Writer,
+    /// Whether block files are written and read with direct I/O where the filesystem allows
+    /// it (see [`crate::direct`]): written once, read when a client downloads them, they have
+    /// no business in the page cache.
+    direct: bool,
 }
 
 /// Where a packed block's bytes lie.
@@ -171,6 +176,7 @@ impl FsBlobStore {
             root: root.to_path_buf(),
             index,
             writer: crate::sqlite::Writer::default(),
+            direct: direct::allowed(),
         };
         if !had_index {
             store.rebuild_index().await?;
@@ -310,6 +316,8 @@ impl FsBlobStore {
         let tmp_dir = self.root.join("tmp");
         let mut staged = Vec::new();
         let mut small: Vec<(&str, &[u8])> = Vec::new();
+        // The aligned copy for direct writes, made for the first block file and reused.
+        let mut stage = Vec::new();
         // Each hash once: the routes drop repeats before they get here.
         for (hash, bytes) in blocks {
             if bytes.len() < PACK_BELOW {
@@ -320,8 +328,8 @@ impl FsBlobStore {
             if dest.exists() {
                 continue;
             }
-            let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
-            tmp.write_all(bytes)?;
+            let tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+            direct::write_new(tmp.as_file(), tmp.path(), bytes, self.direct, &mut stage)?;
             staged.push((tmp, dest));
         }
         let pack = if small.is_empty() {
@@ -423,8 +431,8 @@ impl FsBlobStore {
                         None => Read::PackGone,
                     });
                 }
-                match fs::read(self.path_of(hash)) {
-                    Ok(b) => Ok(Read::Bytes(Bytes::from(b))),
+                match direct::read_whole(&self.path_of(hash), self.direct) {
+                    Ok(b) => Ok(Read::Bytes(b)),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Read::Absent),
                     Err(e) => Err(e),
                 }
