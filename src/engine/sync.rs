@@ -2735,6 +2735,54 @@ struct Fetched {
     again: u64,
 }
 
+/// A big download's writer (see `download_one`): idle, or writing a group's blocks on a
+/// blocking thread.
+enum Writer {
+    Idle(direct::SequentialWriter),
+    Writing(tokio::task::JoinHandle<(direct::SequentialWriter, std::io::Result<()>)>),
+    /// Only while changing state, or after a failed write.
+    Gone,
+}
+
+impl Writer {
+    /// Waits for the writes under way; the writer, once they succeeded.
+    async fn idle(&mut self) -> std::io::Result<&mut direct::SequentialWriter> {
+        if let Writer::Writing(handle) = self {
+            let joined = handle.await;
+            *self = Writer::Gone;
+            let (w, r) = joined.map_err(std::io::Error::other)?;
+            r?;
+            *self = Writer::Idle(w);
+        }
+        match self {
+            Writer::Idle(w) => Ok(w),
+            _ => Err(std::io::Error::other("an earlier write failed")),
+        }
+    }
+
+    /// Appends `blocks` on a blocking thread, once the writes before them succeeded.
+    async fn write(&mut self, blocks: Vec<bytes::Bytes>) -> std::io::Result<()> {
+        self.idle().await?;
+        let Writer::Idle(mut w) = std::mem::replace(self, Writer::Gone) else {
+            unreachable!("idle above");
+        };
+        *self = Writer::Writing(tokio::task::spawn_blocking(move || {
+            let r = blocks.iter().try_for_each(|b| w.write(b));
+            (w, r)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the writes, writes what is staged, and returns the ordinary handle.
+    async fn finish(mut self) -> std::io::Result<File> {
+        self.idle().await?;
+        match self {
+            Writer::Idle(w) => w.finish(),
+            _ => unreachable!("idle above"),
+        }
+    }
+}
+
 /// The outcome of a background flush started by `download_one`.
 async fn flushed(flush: tokio::task::JoinHandle<std::io::Result<()>>) -> std::io::Result<()> {
     flush.await.map_err(std::io::Error::other)?
@@ -2869,7 +2917,7 @@ async fn download_one(
     // longest one). Nothing is renamed into place before every block is verified; a killed
     // run's partial file is re-verified by the next one.
     let in_memory = protocol::sha_extensions();
-    let mut writer =
+    let writer =
         direct::SequentialWriter::new(file, &part, offset, in_memory && direct::allowed())
             .map_err(io_at(&part))?;
     let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch(entry)))
@@ -2891,12 +2939,15 @@ async fn download_one(
         })
         .buffered(DOWNLOAD_FETCHES_IN_FLIGHT);
     let mut received = offset;
+    let reader = Arc::new(writer.file().try_clone().map_err(io_at(&part))?);
+    // Each fetched group's bytes are written on a blocking thread (direct writes wait for the
+    // disk) while the next groups come: one group's writes at a time, in order.
+    let mut writer = Writer::Idle(writer);
     // The disk is asked to catch up every WRITEBACK_BYTES, on a blocking thread, while the
     // download goes on: with much RAM the kernel starts writing dirty pages late, and the final
     // fsync of a big file would otherwise wait for all of it (~1 s for 512 MiB here).
     let mut flushing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
     let mut unflushed = 0u64;
-    let reader = Arc::new(writer.file().try_clone().map_err(io_at(&part))?);
     let buffers = chunker::ReadBuffers::for_verifying(source.max_block);
     let mut unverified: Vec<chunker::Cut> = Vec::new();
     let mut unverified_bytes = 0u64;
@@ -2906,11 +2957,13 @@ async fn download_one(
             if let Some(done) = flushing.take() {
                 flushed(done).await.map_err(io_at(&part))?;
             }
-            let f = writer.file().try_clone().map_err(io_at(&part))?;
+            let f = reader.clone();
             flushing = Some(tokio::task::spawn_blocking(move || f.sync_data()));
             unflushed = 0;
         }
-        for block in group? {
+        let group = group?;
+        let mut bytes = Vec::with_capacity(group.len());
+        for block in group {
             let len = block.bytes.len() as u64;
             if block.reused {
                 got.bytes_reused += len;
@@ -2925,13 +2978,15 @@ async fn download_one(
                 unverified_bytes += len;
             }
             got.block_lens.push(len as u32);
-            writer.write(&block.bytes).map_err(io_at(&part))?;
             received += len;
             unflushed += len;
             progress.advance(len);
+            bytes.push(block.bytes);
         }
+        writer.write(bytes).await.map_err(io_at(&part))?;
         if unverified_bytes >= chunker::WINDOW_BYTES {
-            let file = writer.file();
+            // A window is read back once its bytes are written.
+            let file = writer.idle().await.map_err(io_at(&part))?.file();
             if let Some(v) = verifying.take() {
                 got.bytes_fetched += checked(v, source, entry, (file, &part), &mut fps).await?;
             }
@@ -2940,7 +2995,7 @@ async fn download_one(
             unverified_bytes = 0;
         }
     }
-    let file = writer.finish().map_err(io_at(&part))?;
+    let file = writer.finish().await.map_err(io_at(&part))?;
     if let Some(v) = verifying {
         got.bytes_fetched += checked(v, source, entry, (&file, &part), &mut fps).await?;
     }
