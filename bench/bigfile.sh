@@ -2,7 +2,8 @@
 # Peak memory (and time) of client and server pushing, then pulling, one big incompressible
 # file: the "flat in the file size" check of issue 5.
 #
-# Usage: bench/bigfile.sh [GIB] [WORKDIR]   (defaults: 10 /tmp/dbx-bigfile; needs ~3×GIB free)
+# Usage: bench/bigfile.sh [GIB] [WORKDIR]   (defaults: 10 /tmp/dbx-bigfile; needs ~3×GIB free;
+# WORKDIR is deleted at the end unless KEEP=1)
 # Needs a release build (cargo build --release) and openssl (the data generator). Prints, per
 # direction: seconds, MB/s, the client's peak RSS (/usr/bin/time) and the server's (VmHWM; the
 # server is restarted between push and pull so each direction gets its own peak).
@@ -49,3 +50,5 @@ run push "$W/src" push
 stop_server; start_server
 run pull "$W/dst" pull
 cmp "$W/src/big.bin" "$W/dst/big.bin" && echo "# pulled file identical"
+stop_server
+[ -n "${KEEP:-}" ] || rm -rf "$W"
