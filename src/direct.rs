@@ -306,7 +306,16 @@ mod tests {
         let disk = tempfile::tempdir().unwrap();
         let shm = tempfile::tempdir_in("/dev/shm").ok();
         let dirs = std::iter::once(disk.path()).chain(shm.as_ref().map(|d| d.path()));
-        let lens = [0, 1, 4095, 4096, 4097, 128 << 10, (128 << 10) + 5, data.len()];
+        let lens = [
+            0,
+            1,
+            4095,
+            4096,
+            4097,
+            128 << 10,
+            (128 << 10) + 5,
+            data.len(),
+        ];
         // One stage for all, as a batch of the server's uses it: too short at first, then
         // longer than needed.
         let mut stage = Vec::new();
@@ -316,7 +325,10 @@ mod tests {
                 let file = File::create(&path).unwrap();
                 write_new(&file, &path, &data[..len], direct, &mut stage).unwrap();
                 drop(file);
-                assert!(std::fs::read(&path).unwrap() == data[..len], "{len} {direct}");
+                assert!(
+                    std::fs::read(&path).unwrap() == data[..len],
+                    "{len} {direct}"
+                );
                 for read_direct in [true, false] {
                     let got = read_whole(&path, read_direct).unwrap();
                     assert!(got == data[..len], "{len} {direct} {read_direct}");

@@ -2917,9 +2917,8 @@ async fn download_one(
     // longest one). Nothing is renamed into place before every block is verified; a killed
     // run's partial file is re-verified by the next one.
     let in_memory = protocol::sha_extensions();
-    let writer =
-        direct::SequentialWriter::new(file, &part, offset, in_memory && direct::allowed())
-            .map_err(io_at(&part))?;
+    let writer = direct::SequentialWriter::new(file, &part, offset, in_memory && direct::allowed())
+        .map_err(io_at(&part))?;
     let mut groups = stream::iter(entry.blocks[i..].chunks(source.per_fetch(entry)))
         .map(|hashes| async move {
             let blocks = source.fetch(hashes).await?;
