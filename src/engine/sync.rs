@@ -2504,20 +2504,21 @@ async fn download_group(
                         Err(io_at(&dest)(std::io::Error::new(e.kind(), e.to_string())))
                     }
                     (Ok(tmp), Ok(())) => {
-                        if now_stat(&dest).as_ref() != expected.as_ref() {
-                            Ok(None)
-                        } else {
-                            tmp.persist(&dest)
-                                .map_err(|e| io_at(&dest)(e.error))
-                                .map(|_| {
-                                    Some(Downloaded {
-                                        blocks_fetched: lens.len() as u64,
-                                        bytes_fetched: lens.iter().map(|&l| u64::from(l)).sum(),
-                                        bytes_reused: 0,
-                                        block_lens: lens,
-                                        block_fps: Vec::new(),
-                                    })
-                                })
+                        match rename_if_unchanged(&tmp, &dest, expected.as_ref()) {
+                            Err(e) => Err(io_at(&dest)(e)),
+                            // Left for the drop of `tmp` to delete.
+                            Ok(false) => Ok(None),
+                            Ok(true) => {
+                                // In place: not to be deleted.
+                                let _ = tmp.keep();
+                                Ok(Some(Downloaded {
+                                    blocks_fetched: lens.len() as u64,
+                                    bytes_fetched: lens.iter().map(|&l| u64::from(l)).sum(),
+                                    bytes_reused: 0,
+                                    block_lens: lens,
+                                    block_fps: Vec::new(),
+                                }))
+                            }
                         }
                     }
                 };
@@ -3011,17 +3012,67 @@ async fn download_one(
     finish_file(&file, entry, path, received, &dest)?;
     file.sync_all().map_err(io_at(&part))?;
     drop(file);
-    // The last check before the rename: the destination must be as expected.
-    if now_stat(&dest).as_ref() != expected {
+    if !rename_if_unchanged(&part, &dest, expected).map_err(io_at(&dest))? {
         return Ok(None);
     }
-    fs::rename(&part, &dest).map_err(io_at(&dest))?;
     Ok(Some(got))
+}
+
+/// Renames a downloaded file from `from` to `dest` if `dest` is still as the scan saw it
+/// (`expected`; `None`: nothing there); whether it did. Where nothing is expected the rename
+/// itself refuses to replace anything (`RENAME_NOREPLACE`), so a file created there since
+/// the scan, even a moment before, is never overwritten (and no `stat` is needed first);
+/// filesystems without it get the check then the rename, as does a replacement.
+fn rename_if_unchanged(
+    from: &Path,
+    dest: &Path,
+    expected: Option<&LocalEntry>,
+) -> std::io::Result<bool> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    if expected.is_none() {
+        match renameat_with(CWD, from, CWD, dest, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::EXIST) => return Ok(false),
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if now_stat(dest).as_ref() != expected {
+        return Ok(false);
+    }
+    fs::rename(from, dest)?;
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A download goes in place only over what the scan saw there: over nothing, never over
+    /// a file that appeared since (the rename itself refuses), and over a file only while it
+    /// is unchanged.
+    #[test]
+    fn downloads_never_replace_what_changed_since_the_scan() {
+        let root = tempfile::tempdir().unwrap();
+        let (from, dest) = (root.path().join("from"), root.path().join("dest"));
+        fs::write(&from, b"downloaded").unwrap();
+        assert!(rename_if_unchanged(&from, &dest, None).unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"downloaded");
+        assert!(!from.exists());
+        // Appeared since a scan that saw nothing: kept, and the download stays where it was.
+        fs::write(&from, b"newer download").unwrap();
+        assert!(!rename_if_unchanged(&from, &dest, None).unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"downloaded");
+        assert!(from.exists());
+        // Replaced while as the scan saw it; not once it changed.
+        let seen = now_stat(&dest).unwrap();
+        assert!(rename_if_unchanged(&from, &dest, Some(&seen)).unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"newer download");
+        fs::write(&from, b"third").unwrap();
+        fs::write(&dest, b"edited here since").unwrap();
+        assert!(!rename_if_unchanged(&from, &dest, Some(&seen)).unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"edited here since");
+    }
 
     /// A temp file lands beside its destination whether the folders on the way exist or not.
     #[test]
