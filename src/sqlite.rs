@@ -132,9 +132,9 @@ pub async fn insert_rows(
 /// One database's writers, one transaction (or lone statement) at a time, in the order they
 /// asked. SQLite lets one connection write at a time; another that tries meanwhile is put to
 /// sleep by its busy handler for 1, 2, 5, 10, 15, 20, 25… ms before it tries again, however
-/// soon the lock is free. On a server whose upload requests and commits all write, recording an upload of 16
-/// blocks took 50 ms on average during a dataset push, 36 ms waiting here instead: each
-/// writer starts as soon as the one before is done. Other processes (`dbx admin`) still meet
+/// soon the lock is free. On a server whose upload requests and commits all write, recording
+/// an upload of 16 blocks took 50 ms on average during a dataset push, 36 ms waiting here
+/// instead: each writer starts as soon as the one before is done. Other processes (`dbx admin`) still meet
 /// the busy handler.
 #[derive(Clone, Debug, Default)]
 pub struct Writer(std::sync::Arc<tokio::sync::Mutex<()>>);

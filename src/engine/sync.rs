@@ -2746,27 +2746,27 @@ enum Writer {
 }
 
 impl Writer {
-    /// Waits for the writes under way; the writer, once they succeeded.
-    async fn idle(&mut self) -> std::io::Result<&mut direct::SequentialWriter> {
-        if let Writer::Writing(handle) = self {
-            let joined = handle.await;
-            *self = Writer::Gone;
-            let (w, r) = joined.map_err(std::io::Error::other)?;
-            r?;
-            *self = Writer::Idle(w);
-        }
-        match self {
+    /// The writer, once the writes under way succeeded (`Gone` until it is put back).
+    async fn take(&mut self) -> std::io::Result<direct::SequentialWriter> {
+        match std::mem::replace(self, Writer::Gone) {
             Writer::Idle(w) => Ok(w),
-            _ => Err(std::io::Error::other("an earlier write failed")),
+            Writer::Writing(handle) => {
+                let (w, r) = handle.await.map_err(std::io::Error::other)?;
+                r.map(|()| w)
+            }
+            Writer::Gone => Err(std::io::Error::other("an earlier write failed")),
         }
+    }
+
+    /// Waits for the writes under way.
+    async fn idle(&mut self) -> std::io::Result<()> {
+        *self = Writer::Idle(self.take().await?);
+        Ok(())
     }
 
     /// Appends `blocks` on a blocking thread, once the writes before them succeeded.
     async fn write(&mut self, blocks: Vec<bytes::Bytes>) -> std::io::Result<()> {
-        self.idle().await?;
-        let Writer::Idle(mut w) = std::mem::replace(self, Writer::Gone) else {
-            unreachable!("idle above");
-        };
+        let mut w = self.take().await?;
         *self = Writer::Writing(tokio::task::spawn_blocking(move || {
             let r = blocks.iter().try_for_each(|b| w.write(b));
             (w, r)
@@ -2776,11 +2776,7 @@ impl Writer {
 
     /// Waits for the writes, writes what is staged, and returns the ordinary handle.
     async fn finish(mut self) -> std::io::Result<File> {
-        self.idle().await?;
-        match self {
-            Writer::Idle(w) => w.finish(),
-            _ => unreachable!("idle above"),
-        }
+        self.take().await?.finish()
     }
 }
 
@@ -2985,9 +2981,11 @@ async fn download_one(
         }
         writer.write(bytes).await.map_err(io_at(&part))?;
         if unverified_bytes >= chunker::WINDOW_BYTES {
-            // A window is read back once its bytes are written.
-            let file = writer.idle().await.map_err(io_at(&part))?.file();
+            // A window is read back once its bytes are written (through `reader`, the same
+            // file as the writer's handle).
+            writer.idle().await.map_err(io_at(&part))?;
             if let Some(v) = verifying.take() {
+                let file = &*reader;
                 got.bytes_fetched += checked(v, source, entry, (file, &part), &mut fps).await?;
             }
             let window = std::mem::take(&mut unverified);
